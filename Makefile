@@ -1,0 +1,35 @@
+# Each target creates or updates the virtualenv .venv in the repo itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format bench venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/digits_cnn.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check nnxfit tests examples benchmarks
+	$(BIN)/ruff format --check nnxfit tests examples benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format nnxfit tests examples benchmarks
+	$(BIN)/ruff check --fix nnxfit tests examples benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,144 @@
+"""The callback protocol and the dispatcher the Trainer uses to call it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nnxfit.trainer import Trainer
+
+HOOKS = (
+    "on_fit_start",
+    "on_fit_end",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_train_batch_end",
+    "on_validation_start",
+    "on_validation_end",
+    "on_interrupt",
+    "on_exception",
+)
+
+
+class Callback:
+    """Base class: every hook is a no-op; override the ones you need.
+
+    Class attributes a subclass may set:
+
+    * ``order``: lower runs first (the NaN guard runs before checkpoints, so a bad state is
+      never saved; loggers run last so they see what others logged).
+    * ``reads_module``: ``False`` promises the callback never looks at the module, so the
+      Trainer need not write its on-device state back before the hook runs.
+    * ``step_features``: names of quantities the jitted step must compute for this callback:
+      ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``.
+      They reach ``logs`` at the next log interval with no per-step host sync.
+
+    A callback whose state must survive a resume implements ``state_dict`` and
+    ``load_state_dict`` (plain Python data: numbers, strings, lists, dicts).
+    """
+
+    order: int = 0
+    reads_module: bool = True
+    step_features: frozenset[str] = frozenset()
+
+    def on_fit_start(self, trainer: Trainer, module) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Trainer, module) -> None:
+        pass
+
+    def on_train_epoch_start(self, trainer: Trainer, module, epoch: int) -> None:
+        pass
+
+    def on_train_epoch_end(self, trainer: Trainer, module, epoch: int, logs: dict) -> None:
+        pass
+
+    def on_train_batch_end(self, trainer: Trainer, module, step: int, logs: dict) -> None:
+        """After each jitted call (K steps with ``steps_per_execution=K``).
+
+        ``logs`` holds host floats on log steps (every ``log_every_n_steps``) and is empty
+        between them: that is what keeps the device running ahead of the host.
+        """
+
+    def on_validation_start(self, trainer: Trainer, module) -> None:
+        pass
+
+    def on_validation_end(self, trainer: Trainer, module, logs: dict) -> None:
+        pass
+
+    def on_interrupt(self, trainer: Trainer, module) -> None:
+        """SIGTERM/SIGINT arrived; the step in flight finished. Save what must survive."""
+
+    def on_exception(self, trainer: Trainer, module, error: BaseException) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    @property
+    def state_key(self) -> str:
+        """Key under which this callback's state is checkpointed (class name by default)."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def overrides(callback: Callback, hook: str) -> bool:
+    return getattr(type(callback), hook, None) is not getattr(Callback, hook)
+
+
+class CallbackList:
+    """Calls hooks in ``order``; only callbacks that override a hook are ever called."""
+
+    def __init__(self, callbacks: Iterable[Callback]):
+        cbs = list(callbacks)
+        for cb in cbs:
+            if not isinstance(cb, Callback):
+                raise TypeError(
+                    f"callbacks must be nnxfit.Callback instances; got {cb!r} of type "
+                    f"{type(cb).__name__}. Subclass nnxfit.Callback or use LambdaCallback."
+                )
+        # Stable sort keeps the user's order among equals.
+        self.callbacks = sorted(cbs, key=lambda c: c.order)
+        self._by_hook = {h: [c for c in self.callbacks if overrides(c, h)] for h in HOOKS}
+
+    def __iter__(self):
+        return iter(self.callbacks)
+
+    def __len__(self):
+        return len(self.callbacks)
+
+    def for_hook(self, hook: str) -> list[Callback]:
+        return self._by_hook[hook]
+
+    def needs_module(self, hook: str) -> bool:
+        return any(c.reads_module for c in self._by_hook[hook])
+
+    def step_features(self) -> frozenset[str]:
+        out: set[str] = set()
+        for c in self.callbacks:
+            out |= set(c.step_features)
+        return frozenset(out)
+
+    def _keys(self) -> list[str]:
+        seen: dict[str, int] = {}
+        keys = []
+        for c in self.callbacks:
+            seen[c.state_key] = seen.get(c.state_key, 0) + 1
+            n = seen[c.state_key]
+            keys.append(c.state_key if n == 1 else f"{c.state_key}_{n}")
+        return keys
+
+    def state_dicts(self) -> dict[str, dict]:
+        """Every stateful callback's ``state_dict``, keyed by class name (``_2`` for a second)."""
+        return {k: s for k, c in zip(self._keys(), self.callbacks) if (s := c.state_dict())}
+
+    def load_state_dicts(self, states: Mapping[str, Mapping]) -> None:
+        for k, c in zip(self._keys(), self.callbacks):
+            if k in states:
+                c.load_state_dict(states[k])

@@ -1,0 +1,52 @@
+"""Errors nnxfit raises. Each message names the thing, the value and the fix."""
+
+from __future__ import annotations
+
+
+class NnxfitError(Exception):
+    """Base class of every error nnxfit raises on purpose."""
+
+
+class ConfigError(NnxfitError, ValueError):
+    """A Trainer or callback option is out of range or contradicts another."""
+
+
+class BatchError(NnxfitError, ValueError):
+    """A batch differs in structure, dtype or trailing shape from the first one."""
+
+
+class EmptyDataError(NnxfitError, ValueError):
+    """A loader yielded no batch."""
+
+
+class StepOutputError(NnxfitError, TypeError):
+    """``training_step`` or ``validation_step`` returned something of the wrong form."""
+
+
+class CheckpointError(NnxfitError, ValueError):
+    """A checkpoint is missing, corrupt, or does not match the module."""
+
+
+class NonFiniteError(NnxfitError, FloatingPointError):
+    """A loss or gradient became NaN or infinite (raised by ``NaNGuard(action="raise")``)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class TrainingInterrupted(NnxfitError, KeyboardInterrupt):
+    """``fit`` stopped on SIGTERM or SIGINT after saving; resume with ``fit(..., resume=True)``.
+
+    A ``KeyboardInterrupt`` subclass so that code which already stops cleanly on Ctrl-C
+    keeps doing so; ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self, message: str, step: int | None = None, signum: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.signum = signum
+
+
+class CallbackError(NnxfitError, RuntimeError):
+    """Wraps nothing: kept for callbacks that want to fail with an nnxfit error."""

@@ -1,0 +1,54 @@
+"""``TrainModule``: an ``nnx.Module`` that says how to train, validate and predict itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+from flax import nnx
+
+
+class TrainModule(nnx.Module):
+    """Subclass and define ``training_step`` and ``configure_optimizers``.
+
+    The step methods are traced inside the Trainer's jitted step: write them as ordinary
+    NNX code (dropout keys come from the module's own ``nnx.Rngs``; BatchNorm statistics
+    update in train mode). ``trainable`` is the ``nnx`` filter of what the optimizer updates;
+    everything else (frozen params, batch statistics, RNG state) is carried but never
+    touched by it.
+    """
+
+    trainable: Any = nnx.Param
+
+    def training_step(self, batch: Any):
+        """Return a scalar loss, or ``(loss, {"metric": scalar, ...})``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define training_step(self, batch) returning a scalar "
+            "loss or (loss, metrics_dict)."
+        )
+
+    def validation_step(self, batch: Any) -> dict[str, Any]:
+        """Return a dict of scalars (means over the batch); logged as ``val_<name>``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no validation_step; define validation_step(self, batch) "
+            "returning a dict of scalars to use val_data or Trainer.validate."
+        )
+
+    def predict_step(self, batch: Any):
+        """Default: the module called on the inputs (the first element of a tuple batch)."""
+        if isinstance(batch, tuple | list):
+            return self(batch[0])
+        return self(batch)
+
+    def configure_optimizers(self) -> optax.GradientTransformation:
+        raise NotImplementedError(
+            f"{type(self).__name__} must define configure_optimizers(self) returning an "
+            "optax.GradientTransformation, e.g. optax.adamw(1e-3)."
+        )
+
+    def configure_callbacks(self) -> list:
+        return []
+
+
+def has_validation_step(module: TrainModule) -> bool:
+    return type(module).validation_step is not TrainModule.validation_step

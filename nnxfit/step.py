@@ -1,0 +1,277 @@
+"""The pure, jitted functions of a fit: train step, K-step scan, eval step, predict step.
+
+Everything the Trainer runs per step lives here as a plain function of flat lists of
+arrays, jitted once and donated. Flat lists (not ``nnx.State``) are what the Trainer passes
+across the jit boundary: their flattening happens in C++, which is where nnxfit gains its
+edge over a hand-written loop that passes ``nnx.State`` (Python pytree callbacks per call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nnxfit.errors import StepOutputError
+
+FEATURES = frozenset(
+    {"grad_norm", "module_grad_norms", "finite", "skip_nonfinite", "halt_on_nonfinite", "lr"}
+)
+
+
+class Carry(NamedTuple):
+    """Everything a train step reads and writes. Order matters: params, then rest first."""
+
+    params: Any  # pure State of the trainable variables
+    rest: Any  # pure State of every other variable (BatchStat, RNG state, frozen params)
+    opt: Any  # optax state
+    step: jax.Array  # int32: optimizer steps done
+    sums: dict  # f32 running sums of per-step metrics over the current epoch
+    count: jax.Array  # f32: finite steps summed into ``sums`` this epoch
+    last: dict  # values of the latest step (lr)
+    health: dict  # nonfinite_steps (int32, whole fit), first_nonfinite_step (int32, -1 = none)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    grad_accum_steps: int = 1
+    grad_clip_norm: float | None = None
+    precision: str = "float32"
+    features: frozenset = field(default_factory=frozenset)
+    lr_fn: Callable | None = None  # schedule(step) -> lr, when the lr is not in the opt state
+
+
+def split_loss(out: Any) -> tuple[jax.Array, dict]:
+    if isinstance(out, tuple | list):
+        if len(out) != 2 or not isinstance(out[1], dict):
+            raise StepOutputError(
+                "training_step must return a scalar loss or (loss, metrics_dict); got a "
+                f"{type(out).__name__} of length {len(out)}."
+            )
+        loss, metrics = out
+    else:
+        loss, metrics = out, {}
+    loss = jnp.asarray(loss)
+    if loss.shape != ():
+        raise StepOutputError(
+            f"training_step returned a loss of shape {loss.shape}; it must be a scalar. "
+            "Reduce it, e.g. loss.mean()."
+        )
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise StepOutputError(f"training_step returned a loss of dtype {loss.dtype}; need a float.")
+    return loss, check_metrics(metrics, "training_step")
+
+
+def check_metrics(metrics: Any, where: str) -> dict:
+    if not isinstance(metrics, dict):
+        raise StepOutputError(f"{where} must return a dict of scalars; got {type(metrics).__name__}.")
+    out = {}
+    for k, v in metrics.items():
+        v = jnp.asarray(v)
+        if v.shape != ():
+            raise StepOutputError(
+                f"{where} metric {k!r} has shape {v.shape}; metrics must be scalars (take .mean())."
+            )
+        out[str(k)] = v.astype(jnp.float32)
+    return out
+
+
+def _cast_floats(tree: Any, dtype) -> Any:
+    def cast(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
+def _cast_like(tree: Any, like: Any) -> Any:
+    return jax.tree.map(lambda x, ref: x.astype(ref.dtype) if x.dtype != ref.dtype else x, tree, like)
+
+
+def find_learning_rate(opt_state: Any) -> jax.Array | None:
+    """The learning rate stored by ``optax.inject_hyperparams``, if the optimizer has one."""
+    for node in jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState)
+    ):
+        if isinstance(node, optax.InjectHyperparamsState):
+            for name in ("learning_rate", "lr"):
+                if name in node.hyperparams:
+                    return jnp.asarray(node.hyperparams[name], jnp.float32)
+    return None
+
+
+class Programs:
+    """Builds and caches the jitted programs for one module structure and step config."""
+
+    def __init__(self, train_def, eval_def, trainable, tx, treedef, config: StepConfig):
+        self.train_def = train_def
+        self.eval_def = eval_def
+        self.trainable = trainable
+        self.tx = tx
+        self.treedef = treedef  # of Carry
+        self.config = config
+        self.batch_def = None  # treedef of a train batch; the programs take its leaves
+        self.trace_count = 0  # incremented on every trace of a train program (tests pin this)
+        self.train_single = jax.jit(self._single, donate_argnums=0)
+        self.train_multi = jax.jit(self._multi, donate_argnums=0)
+        self.eval_batch = jax.jit(self._eval, donate_argnums=1)
+        self.predict_batch = jax.jit(self._predict)
+
+    # -- train ---------------------------------------------------------------------------
+    def loss_fn(self, params, rest, batch):
+        cfg = self.config
+        low = cfg.precision == "bfloat16"
+        p, r = (_cast_floats(params, jnp.bfloat16), _cast_floats(rest, jnp.bfloat16)) if low else (
+            params,
+            rest,
+        )
+        batch = jax.tree.unflatten(self.batch_def, batch)
+        if low:
+            batch = _cast_floats(batch, jnp.bfloat16)
+        module = nnx.merge(self.train_def, p, r)
+        loss, metrics = split_loss(module.training_step(batch))
+        _, _, new_rest = nnx.split(module, self.trainable, ...)
+        new_rest = nnx.as_pure(new_rest)
+        if low:
+            new_rest = _cast_like(new_rest, rest)
+        return loss.astype(jnp.float32), (metrics, new_rest)
+
+    def grads(self, params, rest, batch):
+        """Loss, metrics, new rest and gradients of one optimizer step (micro-batches summed)."""
+        vg = jax.value_and_grad(self.loss_fn, has_aux=True)
+        a = self.config.grad_accum_steps
+        if a == 1:
+            (loss, (metrics, rest)), g = vg(params, rest, batch)
+            return loss, metrics, rest, g
+
+        def micro(c, mb):
+            rest_c, gsum = c
+            (loss, (metrics, rest_c)), g = vg(params, rest_c, mb)
+            return (rest_c, jax.tree.map(jnp.add, gsum, g)), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (rest, gsum), (losses, metrics) = jax.lax.scan(micro, (rest, zeros), batch)
+        n = jax.tree.leaves(batch)[0].shape[0]
+        g = jax.tree.map(lambda x: x / n, gsum)
+        return losses.mean(), jax.tree.map(jnp.mean, metrics), rest, g
+
+    def one_step(self, c: Carry, batch) -> Carry:
+        cfg, feats = self.config, self.config.features
+        loss, metrics, rest, g = self.grads(c.params, c.rest, batch)
+        step_logs = {"loss": loss, **metrics}
+        need_norm = cfg.grad_clip_norm is not None or feats & {
+            "grad_norm",
+            "finite",
+        }
+        gnorm = optax.global_norm(g) if need_norm else None
+        if cfg.grad_clip_norm is not None:
+            scale = jnp.minimum(1.0, cfg.grad_clip_norm / (gnorm + 1e-12))
+            g = jax.tree.map(lambda x: x * scale.astype(x.dtype), g)
+        updates, opt = self.tx.update(g, c.opt, c.params)
+        params = optax.apply_updates(c.params, updates)
+        if "grad_norm" in feats:
+            step_logs["grad_norm"] = gnorm
+        if "module_grad_norms" in feats and isinstance(g, nnx.State):
+            for name in g:
+                step_logs[f"grad_norm/{name}"] = optax.global_norm(g[name])
+        ok = jnp.bool_(True)
+        health = c.health
+        if "finite" in feats:
+            finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            ok = finite
+            if "halt_on_nonfinite" in feats:
+                ok = finite & (health["first_nonfinite_step"] < 0)
+            if feats & {"skip_nonfinite", "halt_on_nonfinite"}:
+                params, opt, rest = jax.lax.cond(
+                    ok,
+                    lambda t: t[0],
+                    lambda t: t[1],
+                    ((params, opt, rest), (c.params, c.opt, c.rest)),
+                )
+            first = health["first_nonfinite_step"]
+            health = {
+                "nonfinite_steps": health["nonfinite_steps"] + (~finite).astype(jnp.int32),
+                "first_nonfinite_step": jnp.where((first < 0) & ~finite, c.step + 1, first),
+            }
+        last = dict(c.last)
+        if "lr" in feats:
+            lr = find_learning_rate(c.opt)
+            if lr is None and cfg.lr_fn is not None:
+                lr = jnp.asarray(cfg.lr_fn(c.step), jnp.float32)
+            if lr is not None:
+                last["lr"] = lr.astype(jnp.float32)
+        w = ok.astype(jnp.float32)
+        sums = {k: c.sums[k] + jnp.where(ok, step_logs[k], 0.0) for k in c.sums}
+        return Carry(params, rest, opt, c.step + 1, sums, c.count + w, last, health)
+
+    def _single(self, leaves, batch):
+        self.trace_count += 1
+        c = jax.tree.unflatten(self.treedef, leaves)
+        return jax.tree.leaves(self.one_step(c, batch))
+
+    def _multi(self, leaves, batches):
+        self.trace_count += 1
+        c = jax.tree.unflatten(self.treedef, leaves)
+        c, _ = jax.lax.scan(lambda c, b: (self.one_step(c, b), None), c, batches)
+        return jax.tree.leaves(c)
+
+    def metric_names(self, carry_shapes: Carry, batch_shapes) -> list[str]:
+        """Names ``training_step`` logs, found by tracing (never by running it eagerly)."""
+        b = batch_shapes
+        if self.config.grad_accum_steps > 1:
+            b = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype), b)
+        out = jax.eval_shape(lambda p, r, x: self.grads(p, r, x)[1], carry_shapes.params,
+                             carry_shapes.rest, b)
+        return list(out)
+
+    # -- eval and predict ----------------------------------------------------------------
+    def _eval(self, module_leaves, acc, batch):
+        params, rest = self._module_states(module_leaves)
+        module = nnx.merge(self.eval_def, params, rest)
+        metrics = check_metrics(module.validation_step(batch), "validation_step")
+        n = jnp.float32(jax.tree.leaves(batch)[0].shape[0])
+        sums, count = acc
+        sums = {k: sums.get(k, 0.0) + v * n for k, v in metrics.items()}
+        return sums, count + n
+
+    def eval_metric_names(self, module_leaves, batch) -> list[str]:
+        def f(leaves, b):
+            params, rest = self._module_states(leaves)
+            module = nnx.merge(self.eval_def, params, rest)
+            return check_metrics(module.validation_step(b), "validation_step")
+
+        return list(jax.eval_shape(f, module_leaves, batch))
+
+    def _predict(self, module_leaves, batch):
+        params, rest = self._module_states(module_leaves)
+        module = nnx.merge(self.eval_def, params, rest)
+        return module.predict_step(batch)
+
+    def _module_states(self, module_leaves):
+        n = self.n_params
+        return (
+            jax.tree.unflatten(self.params_def, module_leaves[:n]),
+            jax.tree.unflatten(self.rest_def, module_leaves[n:]),
+        )
+
+    def set_module_treedefs(self, params_def, rest_def):
+        self.params_def, self.rest_def = params_def, rest_def
+        self.n_params = params_def.num_leaves
+
+
+def stack(leaves_list: list[list]) -> list:
+    """Stack per-batch leaf lists along a new leading axis (numpy stays on the host)."""
+    out = []
+    for parts in zip(*leaves_list):
+        if all(isinstance(p, np.ndarray) for p in parts):
+            out.append(np.stack(parts))
+        else:
+            out.append(jnp.stack([jnp.asarray(p) for p in parts]))
+    return out

@@ -1,0 +1,688 @@
+"""``Trainer``: runs a ``TrainModule`` through fit, validate and predict.
+
+The loop owns the module's state as a flat list of device arrays (``self._leaves``) for the
+whole fit and hands it to donated jitted programs (``step.py``). The module object is
+written back only when someone may look at it: before a hook of a callback that reads the
+module, at epoch ends, on errors and at the end of fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nnxfit.callbacks.base import Callback, CallbackList
+from nnxfit.data import BatchSpec, epoch_batches, num_batches
+from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
+from nnxfit.history import History
+from nnxfit.module import TrainModule, has_validation_step
+from nnxfit.placement import Placement
+from nnxfit.step import Carry, Programs, StepConfig, stack
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1; got {value!r}.")
+    return int(value)
+
+
+class Trainer:
+    """Fits, validates and predicts with a ``TrainModule``.
+
+    One of ``max_epochs`` / ``max_steps`` is required; training stops at whichever comes first.
+    See the README for every option; all are keyword-only.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        callbacks: list[Callback] | None = None,
+        workdir: str | os.PathLike | None = None,
+        seed: int = 0,
+        log_every_n_steps: int = 50,
+        val_every_n_epochs: int = 1,
+        steps_per_execution: int = 1,
+        grad_accum_steps: int = 1,
+        grad_clip_norm: float | None = None,
+        precision: str = "float32",
+        mesh: jax.sharding.Mesh | None = None,
+        progress_bar: bool = True,
+        prefetch: int = 0,
+        console: Any = None,
+    ):
+        if max_epochs is None and max_steps is None:
+            raise ConfigError(
+                "Trainer needs max_epochs or max_steps (or both; it stops at whichever comes "
+                "first), e.g. Trainer(max_epochs=10)."
+            )
+        self.max_epochs = _positive_int("max_epochs", max_epochs, allow_none=True)
+        self.max_steps = _positive_int("max_steps", max_steps, allow_none=True)
+        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
+        self.val_every_n_epochs = _positive_int("val_every_n_epochs", val_every_n_epochs)
+        self.steps_per_execution = _positive_int("steps_per_execution", steps_per_execution)
+        self.grad_accum_steps = _positive_int("grad_accum_steps", grad_accum_steps)
+        if grad_clip_norm is not None and not (
+            isinstance(grad_clip_norm, int | float) and grad_clip_norm > 0
+        ):
+            raise ConfigError(f"grad_clip_norm must be a number > 0 or None; got {grad_clip_norm!r}.")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ConfigError(f"prefetch must be an integer >= 0; got {prefetch!r}.")
+        self.grad_clip_norm = grad_clip_norm
+        self.precision = precision
+        self.seed = int(seed)
+        self.mesh = mesh
+        self.progress_bar = progress_bar
+        self.prefetch = prefetch
+        self.console = console
+        self.workdir = os.fspath(workdir) if workdir is not None else None
+        if self.workdir is not None and os.path.exists(self.workdir) and not os.path.isdir(
+            self.workdir
+        ):
+            raise ConfigError(
+                f"workdir {self.workdir!r} exists and is a file; pass a folder path (it is "
+                "created if missing)."
+            )
+        self.callbacks = list(callbacks or [])
+        self.placement = Placement(mesh)
+        self.is_global_zero = jax.process_index() == 0
+
+        # State of the current (or last) fit, readable by callbacks.
+        self.history = History()
+        self.should_stop = False
+        self.global_step = 0
+        self.current_epoch = 0
+        self.batch_in_epoch = 0
+        self.steps_per_epoch: int | None = None
+        self.estimated_stepping_batches: int | None = None
+        self.logged_metrics: dict[str, float] = {}
+        self.first_nonfinite_step: int | None = None
+        self.nonfinite_steps = 0
+        self.train_data: Any = None
+        self.val_data: Any = None
+        self.module: TrainModule | None = None
+        self.fitting = False
+        self.resumed_from: str | None = None
+        self.cb = CallbackList([])
+        self._leaves: list | None = None
+        self._signal: int | None = None
+        self._eval_cache: dict = {}
+
+    # ======================================================================= public API ===
+    def fit(self, module: TrainModule, train_data: Any, val_data: Any = None, *, resume=False):
+        """Train ``module`` in place; returns the ``History``. See the README for resume."""
+        self._check_module(module)
+        if val_data is not None and not has_validation_step(module):
+            raise ConfigError(
+                f"val_data was given but {type(module).__name__} defines no validation_step; "
+                "define validation_step(self, batch) -> dict, or drop val_data."
+            )
+        first = self._first_batch(train_data, "train")
+        self.cb = CallbackList(self._default_callbacks() + self.callbacks +
+                               list(module.configure_callbacks() or []))
+        self._setup_fit(module, train_data, val_data, first)
+        if resume:
+            self._resume(resume)
+        if self.workdir is not None and self.is_global_zero:
+            os.makedirs(self.workdir, exist_ok=True)
+
+        self.fitting = True
+        with self._signal_handlers():
+            try:
+                self._hook("on_fit_start")
+                self._train_loop()
+            except TrainingInterrupted:
+                raise
+            except BaseException as e:
+                self._sync_to_module(allow_deleted=True)
+                self._hook("on_exception", e, guard=True)
+                raise
+            finally:
+                self.fitting = False
+                self._sync_to_module(allow_deleted=True)
+                module.eval()
+                self._hook("on_fit_end", guard=True)
+        return self.history
+
+    def validate(self, module: TrainModule, data: Any) -> dict[str, float]:
+        """Mean of ``validation_step`` over every example of ``data``, keys prefixed ``val_``."""
+        self._check_module(module)
+        if not has_validation_step(module):
+            module.validation_step(None)  # raises the explanatory NotImplementedError
+        if self.fitting and module is self.module:
+            return self._validate(data)
+        programs, leaves = self._eval_programs(module)
+        return self._run_validation(programs, leaves, data)
+
+    def predict(self, module: TrainModule, data: Any) -> Any:
+        """``predict_step`` over every batch of ``data``, concatenated on axis 0 (numpy)."""
+        self._check_module(module)
+        programs, leaves = self._eval_programs(module)
+        outs = []
+        for i, batch in enumerate(epoch_batches(data, 0)):
+            outs.append(programs.predict_batch(leaves, batch))
+            if i == 0:
+                jax.block_until_ready(outs[0])  # surface tracing errors at the first batch
+        if not outs:
+            raise EmptyDataError("predict got data that yielded no batch.")
+        outs = jax.device_get(outs)
+        return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+
+    # ========================================================================= the loop ===
+    def _train_loop(self) -> None:
+        while not self._done():
+            epoch = self.current_epoch
+            start = self.batch_in_epoch
+            if start == 0:
+                self._reset_epoch_sums()
+            self._hook("on_train_epoch_start", epoch)
+            for n_steps, n_batches in self._run_calls(epoch, start):
+                self.global_step += n_steps
+                self.batch_in_epoch += n_batches
+                logs = self._fetch_logs() if self._log_due(n_steps) else {}
+                self._hook("on_train_batch_end", self.global_step, logs)
+                if self._signal is not None:
+                    self._interrupt()
+                if self.should_stop or self._steps_done():
+                    break
+            else:
+                if self.batch_in_epoch == 0:
+                    raise EmptyDataError(f"train data yielded no batch in epoch {epoch}.")
+            logs = self._epoch_logs()
+            if self.val_data is not None and (
+                (epoch + 1) % self.val_every_n_epochs == 0 or self._done(after_epoch=True)
+            ):
+                logs.update(self._validate(self.val_data))
+            self._hook("on_train_epoch_end", epoch, logs)
+            self.history.append(epoch, logs)
+            self.current_epoch += 1
+            self.batch_in_epoch = 0
+
+    def _run_calls(self, epoch: int, start: int) -> Iterator[tuple[int, int]]:
+        """Runs the jitted programs over the epoch's batches; yields (steps, batches) per call."""
+        calls = self._plan_calls(epoch, start)
+        if self.prefetch:
+            calls = _Prefetch(calls, self.prefetch)
+        progs = self._programs
+        try:
+            for kind, batch, n_steps, n_batches in calls:
+                fn = progs.train_single if kind == "single" else progs.train_multi
+                self._leaves = fn(self._leaves, batch)
+                yield n_steps, n_batches
+        finally:
+            if isinstance(calls, _Prefetch):
+                calls.close()
+
+    def _plan_calls(self, epoch: int, start: int):
+        """Groups batches into optimizer steps (``grad_accum_steps``) and steps into calls
+        (``steps_per_execution``). Only equal shapes are stacked; a short last batch gets its
+        own group, so each distinct shape compiles once."""
+        K, A = self.steps_per_execution, self.grad_accum_steps
+        spec, put = self._spec, self.placement.put_batch
+        planned = self.global_step
+        chunk: list[list] = []
+        group: list[list] = []
+
+        def emit(chunk):
+            n_batches = sum(len(g) for g in chunk)
+            groups = [stack(g) if A > 1 else g[0] for g in chunk]
+            if len(groups) == 1:
+                return "single", put(groups[0], int(A > 1)), 1, n_batches
+            return "multi", put(stack(groups), 1 + int(A > 1)), len(groups), n_batches
+
+        def room():
+            return K if self.max_steps is None else min(K, self.max_steps - planned)
+
+        def push(g):
+            nonlocal chunk, planned
+            key = (len(g), g[0][0].shape[0])
+            if chunk and (len(chunk[0]), chunk[0][0][0].shape[0]) != key:
+                out = emit(chunk)
+                planned += out[2]
+                chunk = []
+                yield out
+            chunk.append(g)
+            if len(chunk) >= room():
+                out = emit(chunk)
+                planned += out[2]
+                chunk = []
+                yield out
+
+        for i, batch in enumerate(epoch_batches(self.train_data, epoch, start), start):
+            leaves = spec.check(batch, i)
+            if group and leaves[0].shape[0] != group[0][0].shape[0]:
+                yield from push(group)
+                group = []
+            if not group and self.max_steps is not None and planned + len(chunk) >= self.max_steps:
+                break
+            group.append(leaves)
+            if len(group) == A:
+                yield from push(group)
+                group = []
+        if group:
+            yield from push(group)
+        if chunk:
+            yield emit(chunk)
+
+    # ======================================================================== logging ===
+    def _log_due(self, n_steps: int) -> bool:
+        n = self.log_every_n_steps
+        return self.global_step // n != (self.global_step - n_steps) // n or self._steps_done()
+
+    def _fetch(self) -> tuple[dict, float, dict, dict]:
+        sums, count, last, health = jax.device_get(
+            jax.tree.unflatten(self._tail_def, self._leaves[self._n_head :])
+        )
+        if "finite" in self._programs.config.features:
+            self.nonfinite_steps = int(health["nonfinite_steps"])
+            first = int(health["first_nonfinite_step"])
+            self.first_nonfinite_step = first if first >= 0 else None
+        return sums, float(count), last, health
+
+    def _fetch_logs(self) -> dict[str, float]:
+        sums, count, last, _ = self._fetch()
+        prev_sums, prev_count = self._prev
+        n = count - prev_count
+        logs = {k: (float(v) - prev_sums.get(k, 0.0)) / n if n > 0 else math.nan
+                for k, v in sums.items()}
+        self._prev = ({k: float(v) for k, v in sums.items()}, count)
+        self._add_extras(logs, last)
+        self.logged_metrics = dict(logs)
+        return logs
+
+    def _epoch_logs(self) -> dict[str, float]:
+        sums, count, last, _ = self._fetch()
+        logs = {k: float(v) / count if count > 0 else math.nan for k, v in sums.items()}
+        self._add_extras(logs, last)
+        return logs
+
+    def _add_extras(self, logs: dict, last: dict) -> None:
+        logs.update({k: float(v) for k, v in last.items()})
+        if "finite" in self._programs.config.features:
+            logs["nonfinite_steps"] = float(self.nonfinite_steps)
+
+    def _reset_epoch_sums(self) -> None:
+        sums, _, last, health = jax.tree.unflatten(self._tail_def, self._leaves[self._n_head :])
+        fresh = (jax.tree.map(jnp.zeros_like, sums), jnp.zeros((), jnp.float32), last, health)
+        self._leaves[self._n_head :] = jax.tree.leaves(fresh)
+        self._prev = ({}, 0.0)
+
+    # ===================================================================== validation ===
+    def _validate(self, data: Any) -> dict[str, float]:
+        self._hook("on_validation_start")
+        logs = self._run_validation(self._programs, self._leaves[: self._n_module], data)
+        self._hook("on_validation_end", logs)
+        return logs
+
+    def _run_validation(self, programs: Programs, module_leaves: list, data: Any) -> dict:
+        acc = None
+        spec = None
+        for i, batch in enumerate(epoch_batches(data, 0)):
+            if spec is None:
+                spec = BatchSpec(batch, "validation")
+                names = programs.eval_metric_names(module_leaves, batch)
+                acc = ({k: jnp.zeros((), jnp.float32) for k in names}, jnp.zeros((), jnp.float32))
+            else:
+                spec.check(batch, i)
+            acc = programs.eval_batch(module_leaves, acc, batch)
+        if acc is None:
+            raise EmptyDataError("validation data yielded no batch; pass a non-empty loader.")
+        sums, count = jax.device_get(acc)
+        return {f"val_{k}": float(v) / float(count) for k, v in sums.items()}
+
+    def _eval_programs(self, module: TrainModule) -> tuple[Programs, list]:
+        if self.fitting and module is self.module:
+            return self._programs, self._leaves[: self._n_module]
+        was_training = _is_training(module)
+        module.eval()
+        eval_def, params, rest = nnx.split(module, module.trainable, ...)
+        if was_training:
+            module.train()
+        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+        key = (eval_def, jax.tree.structure(params), jax.tree.structure(rest))
+        programs = self._eval_cache.get(key)
+        if programs is None:
+            programs = Programs(None, eval_def, module.trainable, None, None, StepConfig())
+            programs.set_module_treedefs(jax.tree.structure(params), jax.tree.structure(rest))
+            self._eval_cache[key] = programs
+        return programs, jax.tree.leaves(params) + jax.tree.leaves(rest)
+
+    # ========================================================================== setup ===
+    def _setup_fit(self, module: TrainModule, train_data, val_data, first_batch) -> None:
+        self.module, self.train_data, self.val_data = module, train_data, val_data
+        self.history = History()
+        self.should_stop = False
+        self.global_step = self.current_epoch = self.batch_in_epoch = 0
+        self.first_nonfinite_step, self.nonfinite_steps = None, 0
+        self.logged_metrics = {}
+        self.resumed_from = None
+        self._signal = None
+        self._spec = BatchSpec(first_batch, "train")
+        self.placement.check_batch_size(self._spec.batch_size, "train")
+
+        nb = num_batches(train_data)
+        A = self.grad_accum_steps
+        self.steps_per_epoch = -(-nb // A) if nb is not None else None
+        totals = []
+        if self.max_steps is not None:
+            totals.append(self.max_steps)
+        if self.max_epochs is not None and self.steps_per_epoch is not None:
+            totals.append(self.max_epochs * self.steps_per_epoch)
+        self.estimated_stepping_batches = min(totals) if totals else None
+
+        tx, lr_fn = _optimizer_of(module)
+        module.eval()
+        eval_def = nnx.graphdef(module)
+        module.train()
+        train_def, params_v, rest_v = nnx.split(module, module.trainable, ...)
+        if not jax.tree.leaves(params_v):
+            raise ConfigError(
+                f"{type(module).__name__}.trainable = {module.trainable!r} matches no variable; "
+                "the optimizer would update nothing. Use nnx.Param or a filter that matches."
+            )
+        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        self._live_vars = jax.tree.leaves(params_v, is_leaf=is_var) + jax.tree.leaves(
+            rest_v, is_leaf=is_var
+        )
+        # Copies, so that donation never deletes arrays the caller still holds.
+        params = self.placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(params_v)), params_v)
+        rest = self.placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(rest_v)), rest_v)
+        opt = tx.init(params)
+
+        features = self.cb.step_features()
+        config = StepConfig(A, self.grad_clip_norm, self.precision, features, lr_fn)
+        head = (params, rest, opt, jnp.zeros((), jnp.int32))
+        health = {
+            "nonfinite_steps": jnp.zeros((), jnp.int32),
+            "first_nonfinite_step": jnp.full((), -1, jnp.int32),
+        }
+        last = {"lr": jnp.zeros((), jnp.float32)} if "lr" in features else {}
+        probe = Carry(*head, {}, jnp.zeros((), jnp.float32), last, health)
+        programs = Programs(train_def, eval_def, module.trainable, tx, None, config)
+        programs.batch_def = self._spec.treedef
+        programs.set_module_treedefs(jax.tree.structure(params), jax.tree.structure(rest))
+        batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first_batch)
+        names = ["loss", *programs.metric_names(probe, jax.tree.leaves(batch_shapes))]
+        if "grad_norm" in features:
+            names.append("grad_norm")
+        if "module_grad_norms" in features:
+            names += [f"grad_norm/{k}" for k in params]
+        sums = {k: jnp.zeros((), jnp.float32) for k in dict.fromkeys(names)}
+        carry = probe._replace(sums=sums)
+        programs.treedef = jax.tree.structure(carry)
+        self._programs = programs
+        self._n_module = len(self._live_vars)
+        self._n_head = len(jax.tree.leaves(head))
+        self._tail_def = jax.tree.structure((carry.sums, carry.count, carry.last, carry.health))
+        self._leaves = jax.tree.leaves(carry)
+        self._prev = ({}, 0.0)
+        self._sync_to_module()
+
+    def _default_callbacks(self) -> list[Callback]:
+        out: list[Callback] = []
+        user = self.callbacks
+        if self.progress_bar:
+            from nnxfit.callbacks.progress import ProgressBar
+
+            if not any(isinstance(c, ProgressBar) for c in user):
+                out.append(ProgressBar(console=self.console))
+        if self.workdir is not None:
+            from nnxfit.callbacks.csv_logger import CSVLogger
+
+            if not any(isinstance(c, CSVLogger) for c in user):
+                out.append(CSVLogger())
+        return out
+
+    def _resume(self, resume) -> None:
+        from nnxfit.checkpoint import resume_fit
+
+        resume_fit(self, resume)
+
+    # ================================================================ state and module ===
+    def _sync_to_module(self, allow_deleted: bool = False) -> None:
+        """Points the module's Variables at the current device arrays (cheap: no tree walk)."""
+        if self._leaves is None or self.module is None:
+            return
+        for var, x in zip(self._live_vars, self._leaves[: self._n_module]):
+            if allow_deleted and isinstance(x, jax.Array) and x.is_deleted():
+                continue
+            var.set_raw_value(x)
+
+    def _sync_from_module(self) -> None:
+        """Adopts whatever a hook assigned to the module's Variables."""
+        leaves = self._leaves
+        for i, var in enumerate(self._live_vars):
+            x = var.get_raw_value()
+            if x is not leaves[i]:
+                old = leaves[i]
+                x = jnp.asarray(x)
+                if x.shape != old.shape or x.dtype != old.dtype:
+                    raise ConfigError(
+                        f"a callback set a module variable of shape {old.shape} {old.dtype} to "
+                        f"shape {x.shape} {x.dtype}; variables must keep their shape and dtype."
+                    )
+                leaves[i] = self.placement.put_state(x, var) if self.placement.is_sharded else x
+
+    def train_state(self) -> dict:
+        """The device state of the fit as pytrees (for checkpoints): module state, optimizer
+        state, step counter and the epoch's metric accumulators."""
+        c = jax.tree.unflatten(self._programs.treedef, self._leaves)
+        return c._asdict()
+
+    def load_train_state(self, state: dict) -> None:
+        """Replaces the device state with ``state`` (same structure as ``train_state()``)."""
+        c = Carry(**state)
+        leaves = jax.tree.leaves(c)
+        if len(leaves) != len(self._leaves):
+            raise ConfigError("restored state has a different number of arrays than the fit.")
+        self._leaves = leaves
+        self._sync_to_module()
+
+    def loop_state(self) -> dict:
+        """Host-side counters a resumed run needs (plain Python)."""
+        return {
+            "global_step": self.global_step,
+            "epoch": self.current_epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "history": self.history.state_dict(),
+            "prev": [self._prev[0], self._prev[1]],
+            "callbacks": self.cb.state_dicts(),
+            "loader": getattr(self.train_data, "state_dict", dict)(),
+        }
+
+    def load_loop_state(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.current_epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.history.load_state_dict(state.get("history", {}))
+        prev = state.get("prev") or [{}, 0.0]
+        self._prev = ({k: float(v) for k, v in prev[0].items()}, float(prev[1]))
+        self.cb.load_state_dicts(state.get("callbacks", {}))
+        if state.get("loader") and hasattr(self.train_data, "load_state_dict"):
+            self.train_data.load_state_dict(state["loader"])
+
+    # ========================================================================= hooks ===
+    def _hook(self, name: str, *args, guard: bool = False) -> None:
+        cbs = self.cb.for_hook(name)
+        if not cbs:
+            return
+        needs_module = self.fitting and any(c.reads_module for c in cbs)
+        if needs_module:
+            self._sync_to_module()
+        for cb in cbs:
+            try:
+                getattr(cb, name)(self, self.module, *args)
+            except Exception as e:
+                if guard:  # on_exception / on_fit_end must not hide the original error
+                    import warnings
+
+                    warnings.warn(f"{type(cb).__name__}.{name} raised {e!r}", stacklevel=2)
+                    continue
+                e.add_note(f"(raised in callback {type(cb).__name__}.{name})")
+                raise
+        if needs_module:
+            self._sync_from_module()
+
+    # ====================================================================== stopping ===
+    def _steps_done(self) -> bool:
+        return self.max_steps is not None and self.global_step >= self.max_steps
+
+    def _done(self, after_epoch: bool = False) -> bool:
+        epoch = self.current_epoch + (1 if after_epoch else 0)
+        return (
+            self.should_stop
+            or self._steps_done()
+            or (self.max_epochs is not None and epoch >= self.max_epochs)
+        )
+
+    def _interrupt(self) -> None:
+        signum = self._signal
+        self._hook("on_interrupt")
+        name = signal.Signals(signum).name if signum else "signal"
+        raise TrainingInterrupted(
+            f"{name} received at step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{self.batch_in_epoch}); state saved where a ModelCheckpoint is attached. Resume "
+            "with trainer.fit(..., resume=True).",
+            step=self.global_step,
+            signum=signum,
+        )
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self._signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # ======================================================================= checks ===
+    @staticmethod
+    def _check_module(module: Any) -> None:
+        if not isinstance(module, TrainModule):
+            raise TypeError(
+                f"expected an nnxfit.TrainModule, got {type(module).__name__}. Subclass "
+                "nnxfit.TrainModule and define training_step and configure_optimizers."
+            )
+
+    def _first_batch(self, data: Any, where: str) -> Any:
+        if data is None:
+            raise EmptyDataError(f"{where} data is None; pass an ArrayLoader or a list of batches.")
+        n = num_batches(data)
+        if n == 0:
+            raise EmptyDataError(
+                f"{where} data {type(data).__name__} has no batches (len 0); check the dataset "
+                "size against batch_size and drop_last."
+            )
+        if hasattr(data, "iter_epoch"):
+            it = data.iter_epoch(0)
+        elif iter(data) is data:
+            raise ConfigError(
+                f"{where} data is a one-shot {type(data).__name__}: each epoch needs a fresh "
+                "pass. Pass a list, an ArrayLoader, a DataLoader, or a zero-argument function "
+                "returning a new iterator."
+            )
+        else:
+            it = iter(data)
+        for batch in it:
+            return batch
+        raise EmptyDataError(f"{where} data {type(data).__name__} yielded no batch.")
+
+
+def _optimizer_of(module: TrainModule):
+    out = module.configure_optimizers()
+    lr_fn = None
+    if isinstance(out, dict):
+        tx = out.get("optimizer")
+        lr = out.get("lr_schedule")
+        lr_fn = lr if callable(lr) or lr is None else (lambda step, lr=lr: lr)
+    else:
+        tx = out
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            f"{type(module).__name__}.configure_optimizers returned {type(tx).__name__}; it must "
+            "return an optax.GradientTransformation (e.g. optax.adamw(1e-3)) or "
+            "{'optimizer': tx, 'lr_schedule': schedule}."
+        )
+    return tx, lr_fn
+
+
+def _is_training(module: nnx.Module) -> bool:
+    for _, node in nnx.iter_modules(module):
+        if getattr(node, "deterministic", None) is False:
+            return True
+        if getattr(node, "use_running_average", None) is False:
+            return True
+    return False
+
+
+class _Prefetch:
+    """Runs a generator on a background thread, ``size`` items ahead; re-raises its errors."""
+
+    _END = object()
+
+    def __init__(self, gen, size: int):
+        self._q: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._gen = gen
+        self._t = threading.Thread(target=self._run, daemon=True, name="nnxfit-prefetch")
+        self._t.start()
+
+    def _run(self):
+        try:
+            for item in self._gen:
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._q.put(self._END)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+            self._q.put(e)
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self):
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._q.get_nowait()
+        self._t.join(timeout=5)
