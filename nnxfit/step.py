@@ -128,19 +128,17 @@ class Programs:
     def loss_fn(self, params, rest, batch):
         cfg = self.config
         low = cfg.precision == "bfloat16"
-        p, r = (_cast_floats(params, jnp.bfloat16), _cast_floats(rest, jnp.bfloat16)) if low else (
-            params,
-            rest,
-        )
         batch = jax.tree.unflatten(self.batch_def, batch)
         if low:
+            # Params and inputs compute in bf16; the f32 master params get the gradients
+            # through the cast. Non-trainable state (BatchNorm statistics, which flax updates
+            # in f32) keeps its dtype, as Keras keeps normalisation layers in f32.
+            params = _cast_floats(params, jnp.bfloat16)
             batch = _cast_floats(batch, jnp.bfloat16)
-        module = nnx.merge(self.train_def, p, r)
+        module = nnx.merge(self.train_def, params, rest)
         loss, metrics = split_loss(module.training_step(batch))
         _, _, new_rest = nnx.split(module, self.trainable, ...)
-        new_rest = nnx.as_pure(new_rest)
-        if low:
-            new_rest = _cast_like(new_rest, rest)
+        new_rest = _cast_like(nnx.as_pure(new_rest), rest)
         return loss.astype(jnp.float32), (metrics, new_rest)
 
     def grads(self, params, rest, batch):
@@ -170,7 +168,7 @@ class Programs:
             "grad_norm",
             "finite",
         }
-        gnorm = optax.global_norm(g) if need_norm else None
+        gnorm = optax.tree.norm(g) if need_norm else None
         if cfg.grad_clip_norm is not None:
             scale = jnp.minimum(1.0, cfg.grad_clip_norm / (gnorm + 1e-12))
             g = jax.tree.map(lambda x: x * scale.astype(x.dtype), g)
@@ -180,7 +178,7 @@ class Programs:
             step_logs["grad_norm"] = gnorm
         if "module_grad_norms" in feats and isinstance(g, nnx.State):
             for name in g:
-                step_logs[f"grad_norm/{name}"] = optax.global_norm(g[name])
+                step_logs[f"grad_norm/{name}"] = optax.tree.norm(g[name])
         ok = jnp.bool_(True)
         health = c.health
         if "finite" in feats:
