@@ -1,0 +1,5 @@
+"""``python -m nnxfit``: the same command line as the ``nnxfit`` script (see ``nnxfit.cli``)."""
+
+from nnxfit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The ``nnxfit`` command (also ``python -m nnxfit``). Subcommands:
+
+* ``nnxfit plot WORKDIR [--out DIR]``: PNG training curves from ``WORKDIR/metrics.csv``
+  (see ``nnxfit.plot``); prints the paths written.
+
+A new subcommand is a function ``_add_<name>(subparsers)`` that registers its parser and sets
+``func``: a callable taking the parsed arguments and returning the exit status. Exit status 2
+means bad input (argparse's convention), with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 on success, 2 on bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.func(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnxfit", description="nnxfit: tools for the runs a Trainer wrote."
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_plot(sub)
+    return parser
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="write PNG training curves from a run's metrics.csv",
+        description="Write PNG training curves (loss and every metric vs step, train and val_ "
+        "on the same axes) from WORKDIR/metrics.csv into WORKDIR/plots/: one PNG per metric "
+        "and overview.png.",
+    )
+    p.add_argument("workdir", metavar="WORKDIR", help="the run folder (Trainer(workdir=...))")
+    p.add_argument("--out", metavar="DIR", default=None, help="output folder (WORKDIR/plots)")
+    p.set_defaults(func=_plot)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from nnxfit.plot import PlotError, plot_run
+
+    try:
+        paths = plot_run(args.workdir, args.out)
+    except PlotError as e:
+        print(f"nnxfit plot: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
