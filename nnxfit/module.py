@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import optax
@@ -19,6 +21,18 @@ class TrainModule(nnx.Module):
     """
 
     trainable: Any = nnx.Param
+
+    @property
+    def trainer(self):
+        """The ``Trainer`` running ``fit``/``validate``/``predict`` on this module, else None.
+
+        Read it in ``configure_optimizers`` (``self.trainer.estimated_stepping_batches``) or
+        ``configure_callbacks``. It is a class-level property backed by a context variable,
+        not an attribute, so the Trainer never enters the module's graph definition. Values
+        read while ``training_step`` is traced are baked into the compiled step.
+        """
+        active = _ACTIVE.get()
+        return active[1] if active is not None and active[0] is self else None
 
     def training_step(self, batch: Any):
         """Return a scalar loss, or ``(loss, {"metric": scalar, ...})``."""
@@ -52,3 +66,16 @@ class TrainModule(nnx.Module):
 
 def has_validation_step(module: TrainModule) -> bool:
     return type(module).validation_step is not TrainModule.validation_step
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("nnxfit_active_trainer", default=None)
+
+
+@contextlib.contextmanager
+def attached(module: Any, trainer: Any):
+    """Makes ``module.trainer`` return ``trainer`` inside the block."""
+    token = _ACTIVE.set((module, trainer))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)

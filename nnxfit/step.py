@@ -31,11 +31,13 @@ class Carry(NamedTuple):
     params: Any  # pure State of the trainable variables
     rest: Any  # pure State of every other variable (BatchStat, RNG state, frozen params)
     opt: Any  # optax state
-    step: jax.Array  # int32: optimizer steps done
-    sums: dict  # f32 running sums of per-step metrics over the current epoch
-    count: jax.Array  # f32: finite steps summed into ``sums`` this epoch
+    step: jax.Array | None  # int32 optimizer steps done; None unless a feature needs it
+    # f32[n + 1]: running sums of the n per-step metrics (``Programs.metric_order``) over the
+    # current epoch, then the count of steps summed. One buffer, not n + 1: every buffer a
+    # jitted call takes and returns costs host time per call.
+    acc: jax.Array
     last: dict  # values of the latest step (lr)
-    health: dict  # nonfinite_steps (int32, whole fit), first_nonfinite_step (int32, -1 = none)
+    health: dict  # nonfinite_steps, first_nonfinite_step (int32, -1 = none); only with "finite"
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,22 @@ class Programs:
         self.treedef = treedef  # of Carry
         self.config = config
         self.batch_def = None  # treedef of a train batch; the programs take its leaves
+        self.metric_order: list[str] = []  # names summed into Carry.acc, in order
         self.trace_count = 0  # incremented on every trace of a train program (tests pin this)
+        # on_trace(kind, batch_leaves): called while jax traces a train program, i.e. only
+        # for a new input signature, so it is free at steady state (compile_watch.py).
+        self.on_trace: Callable | None = None
         self.train_single = jax.jit(self._single, donate_argnums=0)
         self.train_multi = jax.jit(self._multi, donate_argnums=0)
         self.eval_batch = jax.jit(self._eval, donate_argnums=1)
         self.predict_batch = jax.jit(self._predict)
+
+    def pin_shardings(self, shardings: list) -> None:
+        """On a mesh: the train programs return the carry with the shardings it came in with
+        (``placement.py``), so every call hits one compiled program and donation reuses the
+        buffers instead of resharding between steps."""
+        self.train_single = jax.jit(self._single, donate_argnums=0, out_shardings=shardings)
+        self.train_multi = jax.jit(self._multi, donate_argnums=0, out_shardings=shardings)
 
     # -- train ---------------------------------------------------------------------------
     def loss_fn(self, params, rest, batch):
@@ -205,17 +218,22 @@ class Programs:
                 lr = jnp.asarray(cfg.lr_fn(c.step), jnp.float32)
             if lr is not None:
                 last["lr"] = lr.astype(jnp.float32)
-        w = ok.astype(jnp.float32)
-        sums = {k: c.sums[k] + jnp.where(ok, step_logs[k], 0.0) for k in c.sums}
-        return Carry(params, rest, opt, c.step + 1, sums, c.count + w, last, health)
+        vals = jnp.stack([step_logs[k].astype(jnp.float32) for k in self.metric_order] + [1.0])
+        acc = c.acc + jnp.where(ok, vals, 0.0)
+        step = None if c.step is None else c.step + 1
+        return Carry(params, rest, opt, step, acc, last, health)
 
     def _single(self, leaves, batch):
         self.trace_count += 1
+        if self.on_trace is not None:
+            self.on_trace("single", batch)
         c = jax.tree.unflatten(self.treedef, leaves)
         return jax.tree.leaves(self.one_step(c, batch))
 
     def _multi(self, leaves, batches):
         self.trace_count += 1
+        if self.on_trace is not None:
+            self.on_trace("multi", batches)
         c = jax.tree.unflatten(self.treedef, leaves)
         c, _ = jax.lax.scan(lambda c, b: (self.one_step(c, b), None), c, batches)
         return jax.tree.leaves(c)

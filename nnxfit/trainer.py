@@ -9,11 +9,13 @@ module, at epoch ends, on errors and at the end of fit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,10 +26,18 @@ import optax
 from flax import nnx
 
 from nnxfit.callbacks.base import Callback, CallbackList
-from nnxfit.data import BatchSpec, epoch_batches, num_batches
+from nnxfit.data import (
+    BatchSpec,
+    check_reiterable,
+    epoch_batches,
+    first_batch,
+    loader_state,
+    num_batches,
+    take_batches,
+)
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
-from nnxfit.module import TrainModule, has_validation_step
+from nnxfit.module import TrainModule, attached, has_validation_step
 from nnxfit.placement import Placement
 from nnxfit.step import Carry, Programs, StepConfig, stack
 
@@ -40,6 +50,17 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1; got {value!r}.")
     return int(value)
+
+
+def _attach(method):
+    """Runs ``method(self, module, ...)`` with ``module.trainer`` pointing at this Trainer."""
+
+    @functools.wraps(method)
+    def wrapper(self, module, *args, **kwargs):
+        with attached(module, self):
+            return method(self, module, *args, **kwargs)
+
+    return wrapper
 
 
 class Trainer:
@@ -67,8 +88,13 @@ class Trainer:
         progress_bar: bool = True,
         prefetch: int = 0,
         console: Any = None,
+        limit_train_batches: int | None = None,
+        limit_val_batches: int | None = None,
+        overfit_batches: int | None = None,
+        val_every_n_steps: int | None = None,
+        fast_dev_run: bool | int = False,
     ):
-        if max_epochs is None and max_steps is None:
+        if max_epochs is None and max_steps is None and not fast_dev_run:
             raise ConfigError(
                 "Trainer needs max_epochs or max_steps (or both; it stops at whichever comes "
                 "first), e.g. Trainer(max_epochs=10)."
@@ -79,6 +105,18 @@ class Trainer:
         self.val_every_n_epochs = _positive_int("val_every_n_epochs", val_every_n_epochs)
         self.steps_per_execution = _positive_int("steps_per_execution", steps_per_execution)
         self.grad_accum_steps = _positive_int("grad_accum_steps", grad_accum_steps)
+        self.limit_train_batches = _positive_int("limit_train_batches", limit_train_batches, True)
+        self.limit_val_batches = _positive_int("limit_val_batches", limit_val_batches, True)
+        self.overfit_batches = _positive_int("overfit_batches", overfit_batches, True)
+        self.val_every_n_steps = _positive_int("val_every_n_steps", val_every_n_steps, True)
+        # fast_dev_run=True (or n): n optimizer steps and n validation batches, one epoch,
+        # nothing written: no default CSVLogger, no workdir; file-writing callbacks check it.
+        self.fast_dev_run = 1 if fast_dev_run is True else fast_dev_run
+        if self.fast_dev_run:
+            n = _positive_int("fast_dev_run", self.fast_dev_run)
+            self.max_epochs, self.max_steps = 1, n
+            self.limit_train_batches = n * self.grad_accum_steps
+            self.limit_val_batches = n
         if grad_clip_norm is not None and not (
             isinstance(grad_clip_norm, int | float) and grad_clip_norm > 0
         ):
@@ -122,12 +160,15 @@ class Trainer:
         self.module: TrainModule | None = None
         self.fitting = False
         self.resumed_from: str | None = None
+        # Seconds the loop has waited for its next batch (all fits; ThroughputMonitor).
+        self.data_wait_seconds = 0.0
         self.cb = CallbackList([])
         self._leaves: list | None = None
         self._signal: int | None = None
         self._eval_cache: dict = {}
 
     # ======================================================================= public API ===
+    @_attach
     def fit(self, module: TrainModule, train_data: Any, val_data: Any = None, *, resume=False):
         """Train ``module`` in place; returns the ``History``. See the README for resume."""
         self._check_module(module)
@@ -137,12 +178,17 @@ class Trainer:
                 "define validation_step(self, batch) -> dict, or drop val_data."
             )
         first = self._first_batch(train_data, "train")
+        if val_data is not None:
+            check_reiterable(val_data, "val")
+        if self.overfit_batches:  # the same first N batches every epoch, validated on too
+            train_data = take_batches(train_data, self.overfit_batches)
+            val_data = train_data if has_validation_step(module) else None
         self.cb = CallbackList(self._default_callbacks() + self.callbacks +
                                list(module.configure_callbacks() or []))
         self._setup_fit(module, train_data, val_data, first)
         if resume:
             self._resume(resume)
-        if self.workdir is not None and self.is_global_zero:
+        if self.workdir is not None and self.is_global_zero and not self.fast_dev_run:
             os.makedirs(self.workdir, exist_ok=True)
 
         self.fitting = True
@@ -163,6 +209,7 @@ class Trainer:
                 self._hook("on_fit_end", guard=True)
         return self.history
 
+    @_attach
     def validate(self, module: TrainModule, data: Any) -> dict[str, float]:
         """Mean of ``validation_step`` over every example of ``data``, keys prefixed ``val_``."""
         self._check_module(module)
@@ -173,18 +220,20 @@ class Trainer:
         programs, leaves = self._eval_programs(module)
         return self._run_validation(programs, leaves, data)
 
+    @_attach
     def predict(self, module: TrainModule, data: Any) -> Any:
         """``predict_step`` over every batch of ``data``, concatenated on axis 0 (numpy)."""
         self._check_module(module)
         programs, leaves = self._eval_programs(module)
         outs = []
         for i, batch in enumerate(epoch_batches(data, 0)):
-            outs.append(programs.predict_batch(leaves, batch))
+            for part in self.placement.eval_parts(batch):  # one part unless on a mesh
+                outs.append((part, programs.predict_batch(leaves, part.batch)))
             if i == 0:
-                jax.block_until_ready(outs[0])  # surface tracing errors at the first batch
+                jax.block_until_ready(outs[0][1])  # surface tracing errors at the first batch
         if not outs:
             raise EmptyDataError("predict got data that yielded no batch.")
-        outs = jax.device_get(outs)
+        outs = [part.rows(out) for part, out in outs]
         return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
 
     # ========================================================================= the loop ===
@@ -200,6 +249,8 @@ class Trainer:
                 self.batch_in_epoch += n_batches
                 logs = self._fetch_logs() if self._log_due(n_steps) else {}
                 self._hook("on_train_batch_end", self.global_step, logs)
+                if self._mid_val_due(n_steps):
+                    self.logged_metrics.update(self._validate(self.val_data))
                 if self._signal is not None:
                     self._interrupt()
                 if self.should_stop or self._steps_done():
@@ -224,13 +275,27 @@ class Trainer:
             calls = _Prefetch(calls, self.prefetch)
         progs = self._programs
         try:
-            for kind, batch, n_steps, n_batches in calls:
+            for kind, batch, n_steps, n_batches in self._timed(calls):
                 fn = progs.train_single if kind == "single" else progs.train_multi
                 self._leaves = fn(self._leaves, batch)
                 yield n_steps, n_batches
         finally:
             if isinstance(calls, _Prefetch):
                 calls.close()
+
+    def _timed(self, calls):
+        """Yields from ``calls``, adding the time spent waiting for each to
+        ``data_wait_seconds`` (no device sync: only host clocks)."""
+        it = iter(calls)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.data_wait_seconds += time.perf_counter() - t0
+            yield item
 
     def _plan_calls(self, epoch: int, start: int):
         """Groups batches into optimizer steps (``grad_accum_steps``) and steps into calls
@@ -267,7 +332,8 @@ class Trainer:
                 chunk = []
                 yield out
 
-        for i, batch in enumerate(epoch_batches(self.train_data, epoch, start), start):
+        batches = epoch_batches(self.train_data, epoch, start, self.limit_train_batches)
+        for i, batch in enumerate(batches, start):
             leaves = spec.check(batch, i)
             if group and leaves[0].shape[0] != group[0][0].shape[0]:
                 yield from push(group)
@@ -289,9 +355,11 @@ class Trainer:
         return self.global_step // n != (self.global_step - n_steps) // n or self._steps_done()
 
     def _fetch(self) -> tuple[dict, float, dict, dict]:
-        sums, count, last, health = jax.device_get(
-            jax.tree.unflatten(self._tail_def, self._leaves[self._n_head :])
-        )
+        tail = self._leaves[self._n_head :]
+        wait_ready(tail)
+        acc, last, health = jax.device_get(jax.tree.unflatten(self._tail_def, tail))
+        sums = dict(zip(self._programs.metric_order, acc[:-1].tolist(), strict=True))
+        count = acc[-1]
         if "finite" in self._programs.config.features:
             self.nonfinite_steps = int(health["nonfinite_steps"])
             first = int(health["first_nonfinite_step"])
@@ -321,8 +389,9 @@ class Trainer:
             logs["nonfinite_steps"] = float(self.nonfinite_steps)
 
     def _reset_epoch_sums(self) -> None:
-        sums, _, last, health = jax.tree.unflatten(self._tail_def, self._leaves[self._n_head :])
-        fresh = (jax.tree.map(jnp.zeros_like, sums), jnp.zeros((), jnp.float32), last, health)
+        acc, last, health = jax.tree.unflatten(self._tail_def, self._leaves[self._n_head :])
+        # zeros_like keeps the array's sharding on a mesh: the step sees the same signature.
+        fresh = (jnp.zeros_like(acc), last, health)
         self._leaves[self._n_head :] = jax.tree.leaves(fresh)
         self._prev = ({}, 0.0)
 
@@ -336,16 +405,19 @@ class Trainer:
     def _run_validation(self, programs: Programs, module_leaves: list, data: Any) -> dict:
         acc = None
         spec = None
-        for i, batch in enumerate(epoch_batches(data, 0)):
+        for i, batch in enumerate(epoch_batches(data, 0, limit=self.limit_val_batches)):
             if spec is None:
                 spec = BatchSpec(batch, "validation")
                 names = programs.eval_metric_names(module_leaves, batch)
                 acc = ({k: jnp.zeros((), jnp.float32) for k in names}, jnp.zeros((), jnp.float32))
+                acc = self.placement.put_state(acc)
             else:
                 spec.check(batch, i)
-            acc = programs.eval_batch(module_leaves, acc, batch)
+            for part in self.placement.eval_parts(batch):  # one part unless on a mesh
+                acc = programs.eval_batch(module_leaves, acc, part.batch)
         if acc is None:
             raise EmptyDataError("validation data yielded no batch; pass a non-empty loader.")
+        wait_ready(jax.tree.leaves(acc))
         sums, count = jax.device_get(acc)
         return {f"val_{k}": float(v) / float(count) for k, v in sums.items()}
 
@@ -357,7 +429,8 @@ class Trainer:
         eval_def, params, rest = nnx.split(module, module.trainable, ...)
         if was_training:
             module.train()
-        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+        params = self.placement.put_state(nnx.as_pure(params), params)
+        rest = self.placement.put_state(nnx.as_pure(rest), rest)
         key = (eval_def, jax.tree.structure(params), jax.tree.structure(rest))
         programs = self._eval_cache.get(key)
         if programs is None:
@@ -380,6 +453,9 @@ class Trainer:
         self.placement.check_batch_size(self._spec.batch_size, "train")
 
         nb = num_batches(train_data)
+        if self.limit_train_batches is not None:
+            nb = self.limit_train_batches if nb is None else min(nb, self.limit_train_batches)
+        self._n_train_batches = nb
         A = self.grad_accum_steps
         self.steps_per_epoch = -(-nb // A) if nb is not None else None
         totals = []
@@ -406,17 +482,23 @@ class Trainer:
         # Copies, so that donation never deletes arrays the caller still holds.
         params = self.placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(params_v)), params_v)
         rest = self.placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(rest_v)), rest_v)
-        opt = tx.init(params)
+        opt = self.placement.init_optimizer(tx, params)  # mirrors the params' shardings
 
         features = self.cb.step_features()
         config = StepConfig(A, self.grad_clip_norm, self.precision, features, lr_fn)
-        head = (params, rest, opt, jnp.zeros((), jnp.int32))
-        health = {
-            "nonfinite_steps": jnp.zeros((), jnp.int32),
-            "first_nonfinite_step": jnp.full((), -1, jnp.int32),
-        }
+        # The device counts steps only for features that need the count in the step.
+        needs_step = "finite" in features or ("lr" in features and lr_fn is not None)
+        head = (params, rest, opt, jnp.zeros((), jnp.int32) if needs_step else None)
+        health = (
+            {
+                "nonfinite_steps": jnp.zeros((), jnp.int32),
+                "first_nonfinite_step": jnp.full((), -1, jnp.int32),
+            }
+            if "finite" in features
+            else {}
+        )
         last = {"lr": jnp.zeros((), jnp.float32)} if "lr" in features else {}
-        probe = Carry(*head, {}, jnp.zeros((), jnp.float32), last, health)
+        probe = Carry(*head, jnp.zeros((1,), jnp.float32), last, health)
         programs = Programs(train_def, eval_def, module.trainable, tx, None, config)
         programs.batch_def = self._spec.treedef
         programs.set_module_treedefs(jax.tree.structure(params), jax.tree.structure(rest))
@@ -426,14 +508,14 @@ class Trainer:
             names.append("grad_norm")
         if "module_grad_norms" in features:
             names += [f"grad_norm/{k}" for k in params]
-        sums = {k: jnp.zeros((), jnp.float32) for k in dict.fromkeys(names)}
-        carry = probe._replace(sums=sums)
+        programs.metric_order = list(dict.fromkeys(names))
+        carry = probe._replace(acc=jnp.zeros((len(programs.metric_order) + 1,), jnp.float32))
         programs.treedef = jax.tree.structure(carry)
         self._programs = programs
         self._n_module = len(self._live_vars)
         self._n_head = len(jax.tree.leaves(head))
-        self._tail_def = jax.tree.structure((carry.sums, carry.count, carry.last, carry.health))
-        self._leaves = jax.tree.leaves(carry)
+        self._tail_def = jax.tree.structure((carry.acc, carry.last, carry.health))
+        self._leaves = self.placement.put_carry(jax.tree.leaves(carry), programs)
         self._prev = ({}, 0.0)
         self._sync_to_module()
 
@@ -445,11 +527,15 @@ class Trainer:
 
             if not any(isinstance(c, ProgressBar) for c in user):
                 out.append(ProgressBar(console=self.console))
-        if self.workdir is not None:
+        if self.workdir is not None and not self.fast_dev_run:
             from nnxfit.callbacks.csv_logger import CSVLogger
 
             if not any(isinstance(c, CSVLogger) for c in user):
                 out.append(CSVLogger())
+        from nnxfit.compile_watch import CompileWatch
+
+        if not any(isinstance(c, CompileWatch) for c in user):
+            out.append(CompileWatch())  # logs compile times, warns on a mid-fit recompile
         return out
 
     def _resume(self, resume) -> None:
@@ -506,7 +592,7 @@ class Trainer:
             "history": self.history.state_dict(),
             "prev": [self._prev[0], self._prev[1]],
             "callbacks": self.cb.state_dicts(),
-            "loader": getattr(self.train_data, "state_dict", dict)(),
+            "loader": loader_state(self.train_data, self.current_epoch, self.batch_in_epoch),
         }
 
     def load_loop_state(self, state: dict) -> None:
@@ -545,6 +631,19 @@ class Trainer:
     # ====================================================================== stopping ===
     def _steps_done(self) -> bool:
         return self.max_steps is not None and self.global_step >= self.max_steps
+
+    def _mid_val_due(self, n_steps: int) -> bool:
+        """``val_every_n_steps`` crossed, unless the epoch-end validation is about to run."""
+        n = self.val_every_n_steps
+        if n is None or self.val_data is None:
+            return False
+        if self.global_step // n == (self.global_step - n_steps) // n:
+            return False
+        nb = self._n_train_batches
+        last = self.should_stop or self._steps_done()
+        last = last or (nb is not None and self.batch_in_epoch >= nb)
+        epoch_val = (self.current_epoch + 1) % self.val_every_n_epochs == 0 or self._done(True)
+        return not (last and epoch_val)
 
     def _done(self, after_epoch: bool = False) -> bool:
         epoch = self.current_epoch + (1 if after_epoch else 0)
@@ -594,27 +693,20 @@ class Trainer:
             )
 
     def _first_batch(self, data: Any, where: str) -> Any:
-        if data is None:
-            raise EmptyDataError(f"{where} data is None; pass an ArrayLoader or a list of batches.")
-        n = num_batches(data)
-        if n == 0:
-            raise EmptyDataError(
-                f"{where} data {type(data).__name__} has no batches (len 0); check the dataset "
-                "size against batch_size and drop_last."
-            )
-        if hasattr(data, "iter_epoch"):
-            it = data.iter_epoch(0)
-        elif iter(data) is data:
-            raise ConfigError(
-                f"{where} data is a one-shot {type(data).__name__}: each epoch needs a fresh "
-                "pass. Pass a list, an ArrayLoader, a DataLoader, or a zero-argument function "
-                "returning a new iterator."
-            )
-        else:
-            it = iter(data)
-        for batch in it:
-            return batch
-        raise EmptyDataError(f"{where} data {type(data).__name__} yielded no batch.")
+        return first_batch(data, where)
+
+
+def wait_ready(arrays: list) -> None:
+    """Waits for ``arrays`` by polling with short sleeps.
+
+    ``block_until_ready`` busy-waits; on a 2-core CPU host that spinning thread takes a core
+    from XLA's compute threads for the whole wait, and a sync every epoch cost ~20 % of
+    throughput in ``benchmarks/overhead.py``. Sleeping hands the core back.
+    """
+    for x in arrays:
+        if isinstance(x, jax.Array):
+            while not x.is_ready():
+                time.sleep(5e-5)
 
 
 def _optimizer_of(module: TrainModule):
