@@ -1,6 +1,14 @@
 """nnxfit: a fast, exact training loop for Flax NNX."""
 
 from nnxfit.callbacks.base import Callback
+from nnxfit.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointInfo,
+    CheckpointMismatchError,
+    ResumeWarning,
+    load_checkpoint,
+    read_meta,
+)
 from nnxfit.errors import (
     BatchError,
     CheckpointError,
@@ -20,15 +28,21 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchError",
     "Callback",
+    "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointMismatchError",
     "ConfigError",
     "EmptyDataError",
     "History",
     "NnxfitError",
     "NonFiniteError",
+    "ResumeWarning",
     "StepOutputError",
     "Trainer",
     "TrainModule",
     "TrainingInterrupted",
     "__version__",
+    "load_checkpoint",
+    "read_meta",
 ]

@@ -192,10 +192,12 @@ class Trainer:
             os.makedirs(self.workdir, exist_ok=True)
 
         self.fitting = True
+        finished = False
         with self._signal_handlers():
             try:
                 self._hook("on_fit_start")
                 self._train_loop()
+                finished = True
             except TrainingInterrupted:
                 raise
             except BaseException as e:
@@ -206,7 +208,9 @@ class Trainer:
                 self.fitting = False
                 self._sync_to_module(allow_deleted=True)
                 module.eval()
-                self._hook("on_fit_end", guard=True)
+                # After a normal fit an on_fit_end failure (a final checkpoint that could not
+                # be written) reaches the caller, once every callback has cleaned up.
+                self._hook("on_fit_end", guard=not finished, defer=finished)
         return self.history
 
     @_attach
@@ -589,6 +593,7 @@ class Trainer:
             "global_step": self.global_step,
             "epoch": self.current_epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "should_stop": self.should_stop,
             "history": self.history.state_dict(),
             "prev": [self._prev[0], self._prev[1]],
             "callbacks": self.cb.state_dicts(),
@@ -599,6 +604,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.current_epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.should_stop = bool(state.get("should_stop", False))
         self.history.load_state_dict(state.get("history", {}))
         prev = state.get("prev") or [{}, 0.0]
         self._prev = ({k: float(v) for k, v in prev[0].items()}, float(prev[1]))
@@ -607,26 +613,33 @@ class Trainer:
             self.train_data.load_state_dict(state["loader"])
 
     # ========================================================================= hooks ===
-    def _hook(self, name: str, *args, guard: bool = False) -> None:
+    def _hook(self, name: str, *args, guard: bool = False, defer: bool = False) -> None:
+        """``guard``: a failing callback only warns (an error is already on its way out).
+        ``defer``: every callback runs, then the first failure is raised (cleanup hooks)."""
         cbs = self.cb.for_hook(name)
         if not cbs:
             return
         needs_module = self.fitting and any(c.reads_module for c in cbs)
         if needs_module:
             self._sync_to_module()
+        first = None
         for cb in cbs:
             try:
                 getattr(cb, name)(self, self.module, *args)
             except Exception as e:
-                if guard:  # on_exception / on_fit_end must not hide the original error
+                if guard or (defer and first is not None):
                     import warnings
 
                     warnings.warn(f"{type(cb).__name__}.{name} raised {e!r}", stacklevel=2)
                     continue
                 e.add_note(f"(raised in callback {type(cb).__name__}.{name})")
-                raise
+                if not defer:
+                    raise
+                first = e
         if needs_module:
             self._sync_from_module()
+        if first is not None:
+            raise first
 
     # ====================================================================== stopping ===
     def _steps_done(self) -> bool:

@@ -1,6 +1,7 @@
 """Built-in callbacks. Each lives in its own module; this file only re-exports them."""
 
 from nnxfit.callbacks.base import Callback, CallbackList
+from nnxfit.callbacks.checkpoint import ModelCheckpoint
 from nnxfit.callbacks.csv_logger import CSVLogger
 from nnxfit.callbacks.lambda_callback import LambdaCallback
 from nnxfit.callbacks.progress import ProgressBar
@@ -14,6 +15,7 @@ __all__ = [
     "CSVLogger",
     "LambdaCallback",
     "DataBottleneckWarning",
+    "ModelCheckpoint",
     "ModelSummary",
     "ProgressBar",
     "TensorBoardLogger",

@@ -1,0 +1,416 @@
+"""``ModelCheckpoint``: asynchronous orbax checkpoints of a fit, the best ``save_top_k`` by a
+monitored metric plus the last one.
+
+When a checkpoint is taken:
+
+* with neither ``every_n_epochs`` nor ``every_n_steps``: after every epoch; with
+  ``every_n_epochs=n``: after every n-th epoch; with ``every_n_steps=n`` alone: whenever the
+  optimizer step count crosses a multiple of n (per jitted call, so with
+  ``steps_per_execution=K`` at the first call that reaches it), and at the end of fit;
+* an epoch checkpoint is written after the whole epoch end (validation, every callback's
+  ``on_train_epoch_end``, the History row), at the start of the next epoch or the end of fit:
+  it is the state from which the next epoch starts, so a resume never runs an epoch end twice.
+  A step checkpoint due on the last call of an epoch waits for that epoch end the same way;
+* on SIGTERM/SIGINT (``on_interrupt``), at the current step, waiting until it is on disk;
+* at the end of a fit that finished normally, when ``save_last`` and the last step is unsaved.
+
+Retention: orbax's preservation policy keeps the newest checkpoint (the resume point, always
+during a fit; after it only with ``save_last``) and the best ``save_top_k`` by ``monitor``
+(the newest ``save_top_k`` without a monitor; ``-1`` keeps all). Orbax deletes evicted
+checkpoints only after the new one is committed. A NaN metric never ranks as best. A step
+that already has a checkpoint is never saved again (orbax would delete newer ones).
+
+Saves run in orbax's background thread; the loop waits for the disk only on interruption and
+at the end of fit (on every exit path: an exit without closing the manager loses the save).
+After an exception nothing new is written; the last complete checkpoint stays.
+
+At fit start, checkpoints that belong to another run are moved (never deleted) to
+``<dir>.previous-<time>/``: all of them for a fresh fit, those newer than the resume point
+for a resumed one. Leftover ``*.orbax-checkpoint-tmp`` folders of killed saves are removed.
+
+The ``monitor`` must name a metric the fit is known to log before it trains (the train step's
+metrics, ``val_*`` of ``validation_step``, ``lr``, ``nonfinite_steps``); a metric only a
+callback adds to the epoch logs cannot be monitored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+from nnxfit.callbacks.base import Callback
+from nnxfit.callbacks.monitor import MODES, Monitor, train_metric_names
+from nnxfit.checkpoint import (
+    ResumeWarning,
+    list_steps,
+    move_aside,
+    open_manager,
+    read_meta,
+    save_state,
+)
+from nnxfit.errors import CheckpointError, ConfigError
+
+
+def _opt_positive(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"ModelCheckpoint {name} must be an integer >= 1 or None; got {value!r}.")
+    return value
+
+
+class ModelCheckpoint(Callback):
+    """Saves the fit's full state with orbax, asynchronously (see the module docstring).
+
+    ``dirname`` is relative to the Trainer's ``workdir`` (an absolute path is used as is).
+    ``save_weights_only=True`` writes only the module's variables: smaller, loadable with
+    ``nnxfit.load_checkpoint``, but such a checkpoint cannot resume a fit.
+
+    After a fit: ``best_model_path``, ``best_model_score`` (by ``monitor``), ``last_model_path``
+    and ``directory``.
+    """
+
+    order = 50  # after NaNGuard (a bad state is never saved), before the loggers
+    reads_module = False
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_top_k: int = 1,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        save_last: bool = True,
+        save_weights_only: bool = False,
+        dirname: str | os.PathLike = "checkpoints",
+    ):
+        if mode not in MODES:
+            raise ConfigError(f"ModelCheckpoint mode must be one of {MODES}; got {mode!r}.")
+        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ConfigError(
+                f"ModelCheckpoint save_top_k must be an integer >= -1 (-1 keeps every "
+                f"checkpoint, 0 none but the last); got {save_top_k!r}."
+            )
+        # "auto" resolves from the name (val_accuracy -> max); shared with EarlyStopping.
+        self._monitor = None if monitor is None else Monitor(monitor, mode, owner="ModelCheckpoint")
+        if save_top_k == 0 and not save_last:
+            raise ConfigError(
+                "ModelCheckpoint(save_top_k=0, save_last=False) would keep no checkpoint; set "
+                "save_top_k >= 1 or save_last=True."
+            )
+        self.monitor = monitor
+        self.mode = mode if self._monitor is None else self._monitor.direction
+        self.save_top_k = save_top_k
+        self.every_n_epochs = _opt_positive("every_n_epochs", every_n_epochs)
+        self.every_n_steps = _opt_positive("every_n_steps", every_n_steps)
+        self.save_last = bool(save_last)
+        self.save_weights_only = bool(save_weights_only)
+        self.dirname = os.fspath(dirname)
+        if not self.dirname:
+            raise ConfigError("ModelCheckpoint dirname is empty; pass e.g. 'checkpoints'.")
+
+        self.directory: str | None = None
+        self.best_model_score: float | None = None
+        self.best_model_step: int | None = None
+        self.last_saved_step: int | None = None
+        self._manager = None
+        self._pending: dict | None = None  # a save waiting for the epoch end to finish
+        self._seen_step = 0
+        self._failed = False
+        self._interrupted = False
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelCheckpoint(monitor={self.monitor!r}, mode={self.mode!r}, "
+            f"save_top_k={self.save_top_k}, dirname={self.dirname!r})"
+        )
+
+    # -- paths ----------------------------------------------------------------------------
+    def resolve_directory(self, trainer) -> str:
+        if os.path.isabs(self.dirname):
+            return self.dirname
+        if trainer.workdir is None:
+            raise ConfigError(
+                "ModelCheckpoint needs a place to write: pass Trainer(workdir='runs/name') (it "
+                f"saves to <workdir>/{self.dirname}) or an absolute ModelCheckpoint dirname."
+            )
+        return os.path.abspath(os.path.join(trainer.workdir, self.dirname))
+
+    @property
+    def best_model_path(self) -> str | None:
+        return self._path(self.best_model_step)
+
+    @property
+    def last_model_path(self) -> str | None:
+        return self._path(self.last_saved_step)
+
+    def _path(self, step: int | None) -> str | None:
+        if step is None or self.directory is None:
+            return None
+        return os.path.join(self.directory, str(step))
+
+    # -- hooks ----------------------------------------------------------------------------
+    def on_fit_start(self, trainer, module) -> None:
+        self._close()  # a manager left open by an earlier fit of this callback
+        self._pending, self._failed, self._interrupted = None, False, False
+        self._seen_step = trainer.global_step
+        if trainer.fast_dev_run:  # a smoke test writes nothing
+            return
+        directory = self.resolve_directory(trainer)
+        if self.monitor is not None:
+            self._check_monitor(trainer)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ConfigError(
+                f"ModelCheckpoint directory {directory} is a file; remove it or pass another "
+                "dirname/workdir."
+            )
+        if trainer.resumed_from is None:
+            self.best_model_score = self.best_model_step = self.last_saved_step = None
+        self.directory = directory
+        if trainer.is_global_zero:
+            self._move_foreign_checkpoints(trainer)
+        try:
+            self._manager = open_manager(
+                directory, monitor=self.monitor, mode=self.mode, keep=self._policy(during_fit=True)
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"ModelCheckpoint cannot use {directory}: {e}. Pass a writable Trainer workdir."
+            ) from e
+
+    def on_train_batch_end(self, trainer, module, step: int, logs: dict) -> None:
+        if self._manager is None:
+            return
+        n, prev = self.every_n_steps, self._seen_step
+        self._seen_step = step
+        if n is None or step // n == prev // n:
+            return
+        if self._epoch_ending(trainer):
+            # The epoch end follows this call: save after it, as the next epoch's start.
+            self._pending = self._pending or {"metrics": {}}
+            return
+        self._save(trainer, dict(trainer.logged_metrics))
+
+    def on_train_epoch_end(self, trainer, module, epoch: int, logs: dict) -> None:
+        if self._manager is None:
+            return
+        due = self.every_n_steps is None or self.every_n_epochs is not None
+        due = due and (self.every_n_epochs is None or (epoch + 1) % self.every_n_epochs == 0)
+        if due or self._pending is not None:
+            self._pending = {"metrics": dict(logs)}
+
+    def on_train_epoch_start(self, trainer, module, epoch: int) -> None:
+        self._flush_pending(trainer)
+
+    def on_interrupt(self, trainer, module) -> None:
+        self._interrupted = True
+        if self._manager is None:
+            return
+        self._flush_pending(trainer)
+        self._save(trainer, {})
+        self._wait()
+
+    def on_exception(self, trainer, module, error: BaseException) -> None:
+        self._failed = True  # keep the last complete checkpoint; write nothing new
+
+    def on_fit_end(self, trainer, module) -> None:
+        if self._manager is None:
+            return
+        error = None
+        try:
+            if not (self._failed or self._interrupted):
+                if self._pending is not None:
+                    self._flush_pending(trainer)
+                elif self.save_last or (self.every_n_steps and not self.every_n_epochs):
+                    self._save(trainer, {})
+                self._wait()
+                if not self.save_last:
+                    self._drop_latest_unless_best()
+        except Exception as e:
+            error = e
+        close_error = self._close()
+        if error is not None or close_error is not None:
+            raise error or close_error
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "best_model_score": self.best_model_score,
+            "best_model_step": self.best_model_step,
+            "last_saved_step": self.last_saved_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_model_score = state.get("best_model_score")
+        self.best_model_step = state.get("best_model_step")
+        self.last_saved_step = state.get("last_saved_step")
+
+    # -- saving ---------------------------------------------------------------------------
+    def _flush_pending(self, trainer) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._save(trainer, pending["metrics"])
+
+    def _save(self, trainer, metrics: dict) -> bool:
+        step = trainer.global_step
+        if step in self._manager.all_steps() or step in list_steps(self.directory):
+            return False  # never twice: orbax would delete every newer checkpoint
+        score = self._score(metrics)
+        if score is not None and self.save_top_k != 0 and self._better(score):
+            self.best_model_score, self.best_model_step = score, step
+        self.last_saved_step = step
+        try:
+            saved = save_state(
+                self._manager,
+                trainer,
+                step,
+                metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                monitor=self.monitor,
+                mode=self.mode,
+                weights_only=self.save_weights_only,
+            )
+        except Exception as e:
+            self._manager.reload()  # orbax's list of steps is stale after a failed save
+            raise CheckpointError(
+                f"ModelCheckpoint could not save step {step} to {self.directory}: {e}. The "
+                "previous complete checkpoints are kept."
+            ) from e
+        return saved
+
+    def _score(self, metrics: dict) -> float | None:
+        if self.monitor is None:
+            return None
+        v = metrics.get(self.monitor)
+        if v is None:
+            return None
+        v = float(v)
+        return v if math.isfinite(v) else None  # NaN/inf never rank as the best
+
+    def _better(self, score: float) -> bool:
+        return self._monitor.is_better(score, self.best_model_score)
+
+    def _wait(self) -> None:
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._manager.reload()
+            raise CheckpointError(
+                f"ModelCheckpoint: writing a checkpoint to {self.directory} failed: {e}. The "
+                "previous complete checkpoints are kept."
+            ) from e
+
+    def _close(self) -> Exception | None:
+        """Waits for the pending save and closes the manager; returns (not raises) a
+        failure, so that it never hides an error already on its way to the caller."""
+        manager, self._manager = self._manager, None
+        if manager is None:
+            return None
+        error = None
+        for step in (manager.wait_until_finished, manager.close):
+            try:
+                step()
+            except Exception as e:
+                error = error or e
+        if error is None:
+            return None
+        return CheckpointError(
+            f"ModelCheckpoint: writing a checkpoint to {self.directory} failed: {error}. The "
+            "previous complete checkpoints are kept."
+        )
+
+    # -- retention ------------------------------------------------------------------------
+    def _policy(self, during_fit: bool):
+        from orbax.checkpoint import checkpoint_managers as ocm
+
+        if self.save_top_k == -1:
+            return ocm.LatestN(n=None)  # keeps all
+        keep = [ocm.LatestN(n=1)] if (during_fit or self.save_last) else []
+        if self.monitor is None:
+            keep.append(ocm.LatestN(n=self.save_top_k))
+        else:
+            monitor = self.monitor
+            keep.append(
+                ocm.BestN(
+                    get_metric_fn=lambda m: m[monitor],
+                    reverse=self.mode == "min",  # BestN keeps the end of the sorted list
+                    n=self.save_top_k,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        return ocm.AnyPreservationPolicy(keep)
+
+    def _drop_latest_unless_best(self) -> None:
+        """``save_last=False``: the newest checkpoint was kept only as a resume point; at the
+        end of the fit it goes unless it is among the best ``save_top_k``."""
+        steps = list_steps(self.directory)
+        if not steps or self.save_top_k == -1 or self.monitor is None:
+            return  # without a monitor the newest is among the newest save_top_k anyway
+        scores = {}
+        for s in steps:
+            v = (read_meta(os.path.join(self.directory, str(s))).get("metrics") or {}).get(
+                self.monitor
+            )
+            if v is not None and math.isfinite(v):
+                scores[s] = v
+        ranked = sorted(scores, key=scores.get, reverse=self.mode == "max")
+        latest = steps[-1]
+        if latest not in ranked[: self.save_top_k]:
+            self._manager.delete(latest)
+            if self.last_saved_step == latest:
+                self.last_saved_step = None
+
+    def _move_foreign_checkpoints(self, trainer) -> None:
+        """A fresh fit's folder may hold an earlier run's checkpoints, and a resumed fit's
+        folder checkpoints newer than its resume point (another timeline). Saving next to
+        them would mix the runs (and orbax deletes newer steps when an older one is saved),
+        so they are moved aside, never deleted."""
+        steps = list_steps(self.directory)
+        resumed = trainer.resumed_from
+        if resumed is None:
+            foreign, why = steps, "from an earlier run"
+            hint = " (fit(..., resume=True) continues a run instead)"
+        else:
+            foreign = [s for s in steps if s > trainer.global_step]
+            why, hint = f"newer than the resumed checkpoint {resumed}", ""
+        if foreign:
+            dest = move_aside(self.directory, foreign, "previous")
+            warnings.warn(
+                f"ModelCheckpoint: checkpoint(s) {foreign} in {self.directory} are {why}; "
+                f"moved them to {dest}{hint}.",
+                ResumeWarning,
+                stacklevel=3,
+            )
+
+    # -- checks ---------------------------------------------------------------------------
+    def _epoch_ending(self, trainer) -> bool:
+        n = getattr(trainer, "_n_train_batches", None)
+        return (
+            trainer.should_stop
+            or (trainer.max_steps is not None and trainer.global_step >= trainer.max_steps)
+            or (n is not None and trainer.batch_in_epoch >= n)
+        )
+
+    def _check_monitor(self, trainer) -> None:
+        """Before training: a typo found after the first epoch may cost hours."""
+        self._monitor.check_fit(trainer)
+        names = known_metrics(trainer, want=self.monitor)
+        if self.monitor not in names:
+            raise self._monitor.unknown(names)
+
+
+def known_metrics(trainer, want: str | None = None) -> list[str]:
+    """Names the fit will log, known before it trains: the train step's metrics (plus
+    ``lr``/``nonfinite_steps`` where computed) and, with ``val_data``, the ``val_*`` ones
+    (traced with ``jax.eval_shape``, only when ``want`` is not already found)."""
+    names = train_metric_names(trainer)
+    if want in names or trainer.val_data is None:
+        return names
+    from nnxfit.data import epoch_batches
+
+    batch = next(iter(epoch_batches(trainer.val_data, 0)), None)
+    if batch is not None:
+        leaves = trainer._leaves[: trainer._n_module]
+        names += [f"val_{k}" for k in trainer._programs.eval_metric_names(leaves, batch)]
+    return names

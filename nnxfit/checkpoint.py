@@ -1,0 +1,644 @@
+"""Checkpoints on disk: the orbax plumbing, resume, and ``load_checkpoint``.
+
+A checkpoint is one orbax step folder ``<dir>/<step>/``. Orbax writes it as
+``<step>.orbax-checkpoint-tmp`` and renames it once every item is on disk, so a folder named
+just ``<step>`` is complete; a tmp folder (a process killed mid-save) is never listed. Items:
+
+* ``module``: ``{"params": ..., "rest": ...}``, every variable of the module (trainable
+  params, frozen params, BatchNorm statistics, RNG keys and counts, custom variables);
+* ``train``: ``{"opt", "step", "acc", "last", "health"}``, the rest of ``Trainer.train_state()``
+  (absent from ``save_weights_only`` checkpoints, which cannot resume a fit);
+* ``meta``: JSON: ``Trainer.loop_state()`` (step, epoch, batch in the epoch, History, callback
+  states, loader state), the metrics at save time, nnxfit/jax/flax versions, Trainer options,
+  wall time.
+
+Arrays are stored as nested dicts keyed by their pytree path (``opt/0/mu/net/l1/kernel``), so a
+mismatch is reported by path, and they are restored into the *live* structure (optax
+namedtuples, ``nnx.State``) with the live shardings. Typed PRNG keys are stored as their
+``key_data`` and wrapped again on restore with the live key's implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from importlib import metadata as _metadata
+from typing import Any, NamedTuple
+
+import jax
+from flax import nnx
+
+from nnxfit.errors import CheckpointError, ConfigError
+
+FORMAT = 1
+TRAIN_FIELDS = ("opt", "step", "acc", "last", "health")
+TMP_MARKER = ".orbax-checkpoint-tmp"
+# Options that change the numbers a step computes: a resume with any of them changed cannot
+# continue bit for bit, so it warns.
+EXACTNESS_OPTIONS = (
+    "seed",
+    "batch_size",
+    "steps_per_execution",
+    "grad_accum_steps",
+    "grad_clip_norm",
+    "precision",
+)
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's arrays differ in structure, shape or dtype from the live module."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint folder cannot be read (truncated, garbled or missing files)."""
+
+
+class ResumeWarning(UserWarning):
+    """``fit(resume=...)`` started fresh, skipped a corrupt checkpoint, or moved one aside."""
+
+
+class CheckpointInfo(NamedTuple):
+    """What ``load_checkpoint`` loaded: the step folder, its step and its metrics."""
+
+    path: str
+    step: int
+    metrics: dict
+
+
+# ------------------------------------------------------------------------ orbax managers ---
+class _QuietAbsl(logging.Filter):
+    """Drops orbax's warnings about things nnxfit does on purpose (metric-less saves in a
+    manager that tracks a best metric, read-only managers for restoring)."""
+
+    EXPECTED = ("Requested `tracked_metric`", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not any(msg.startswith(e) for e in self.EXPECTED)
+
+
+_quiet = _QuietAbsl()
+logging.getLogger("absl").addFilter(_quiet)
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # slow import: only when checkpoints are used
+
+    return ocp
+
+
+def _handlers() -> dict:
+    ocp = _ocp()
+    return {
+        "module": ocp.StandardCheckpointHandler(),
+        "train": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+
+
+def open_manager(
+    directory: str, *, monitor: str | None = None, mode: str = "min", keep: Any = None
+):
+    """An asynchronous orbax ``CheckpointManager`` for writing to ``directory``.
+
+    ``keep`` is an orbax preservation policy. Orbax applies it in its finalize thread after
+    the new checkpoint is committed, so an old checkpoint is never deleted before its
+    successor is complete. Leftover tmp folders of killed saves are removed on creation.
+    """
+    ocp = _ocp()
+    best = {}
+    if monitor is not None:  # orbax writes a step's metrics to disk only with a best_fn
+        best = dict(best_fn=lambda m: m[monitor], best_mode=mode)
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+        preservation_policy=keep,
+        **best,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+
+
+def _reader(directory: str):
+    ocp = _ocp()
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+
+
+def list_steps(directory: str) -> list[int]:
+    """Steps of the complete checkpoints in ``directory``, oldest first (tmp folders of
+    interrupted saves are not complete and not listed)."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+    )
+
+
+def tmp_dirs(directory: str) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def move_aside(directory: str, steps: list[int], label: str) -> str:
+    """Moves step folders to ``<directory>.<label>-<time>/`` (never deletes); returns it."""
+    dest = f"{directory.rstrip(os.sep)}.{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base, n = dest, 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{base}-{n}"
+    os.makedirs(dest)
+    for s in steps:
+        shutil.move(os.path.join(directory, str(s)), os.path.join(dest, str(s)))
+    return dest
+
+
+# ------------------------------------------------------------------- arrays by pytree path ---
+def _entry(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _walk(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """(path, leaf) pairs of a nested dict, depth first in insertion order."""
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _walk(v, (*prefix, str(k)))
+    else:
+        yield prefix, tree
+
+
+def _nest(pairs: list[tuple[tuple, Any]]) -> dict:
+    out: dict = {}
+    for path, value in pairs:
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
+class _Tree:
+    """One live pytree, seen as ``{path: leaf}``: what orbax saves, the target it restores
+    into, and the way back into the live structure."""
+
+    def __init__(self, name: str, tree: Any):
+        self.name = name
+        pairs, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
+        self.paths = [tuple(_entry(k) for k in p) for p, _ in pairs]
+        self.leaves = [x for _, x in pairs]
+        if len(set(self.paths)) != len(self.paths):
+            raise CheckpointError(
+                f"two leaves of the {name} state have the same path once written as strings; "
+                "rename the variables or pytree keys so that each path is unique."
+            )
+
+    def storable(self) -> dict:
+        return _nest(
+            [
+                (p, jax.random.key_data(x) if _is_key(x) else x)
+                for p, x in zip(self.paths, self.leaves, strict=True)
+            ]
+        )
+
+    def _spec(self, x):
+        if _is_key(x):
+            s = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=x.sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    def target(self) -> dict:
+        return _nest([(p, self._spec(x)) for p, x in zip(self.paths, self.leaves, strict=True)])
+
+    def check(self, disk: Any, where: str) -> None:
+        """Raises ``CheckpointMismatchError`` naming the first path whose presence, shape or
+        dtype differs between the checkpoint's metadata ``disk`` and this live tree."""
+        on_disk = {p: m for p, m in _walk(disk if disk is not None else {})}
+        problems = []
+        for p, x in zip(self.paths, self.leaves, strict=True):
+            want = self._spec(x)
+            live = f"{tuple(want.shape)} {want.dtype}"
+            m = on_disk.pop(p, None)
+            if m is None:
+                problems.append((p, "missing", live))
+            elif tuple(m.shape) != tuple(want.shape) or str(m.dtype) != str(want.dtype):
+                problems.append((p, f"{tuple(m.shape)} {m.dtype}", live))
+        problems += [(p, f"{tuple(m.shape)} {m.dtype}", "missing") for p, m in on_disk.items()]
+        if problems:
+            path, disk_s, live_s = problems[0]
+            name = "/".join((self.name, *path))
+            more = f" ({len(problems)} differences in all)" if len(problems) > 1 else ""
+            raise CheckpointMismatchError(
+                f"checkpoint {where} does not match the live {self.name} state: at {name!r} "
+                f"the checkpoint has {disk_s}, the module/optimizer has {live_s}{more}. "
+                "Build the module and optimizer exactly as in the run that saved it (same "
+                "layers, sizes, dtypes, trainable filter and optimizer), or start a fresh run "
+                "in another workdir. Nothing was overwritten."
+            )
+
+    def rebuild_leaves(self, restored: dict) -> list:
+        """The restored arrays in the live leaf order, as live-like arrays (keys wrapped,
+        on the live shardings)."""
+        flat = dict(_walk(restored))
+        out = []
+        for p, live in zip(self.paths, self.leaves, strict=True):
+            x = flat[p]
+            if _is_key(live):
+                x = jax.random.wrap_key_data(x, impl=jax.random.key_impl(live))
+            sharding = getattr(live, "sharding", None)
+            if sharding is not None and getattr(x, "sharding", None) != sharding:
+                x = jax.device_put(x, sharding)
+            out.append(x)
+        return out
+
+
+def _split_train_state(state: dict) -> tuple[_Tree, _Tree]:
+    module = _Tree("module", {"params": state["params"], "rest": state["rest"]})
+    train = _Tree("train", {k: state[k] for k in TRAIN_FIELDS})
+    return module, train
+
+
+# ------------------------------------------------------------------------------- saving ---
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("nnxfit", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+        try:
+            out[dist] = _metadata.version(dist)
+        except _metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def trainer_options(trainer) -> dict:
+    """The Trainer options a checkpoint records (and a resume compares)."""
+    names = (
+        "max_epochs",
+        "max_steps",
+        "seed",
+        "log_every_n_steps",
+        "val_every_n_epochs",
+        "val_every_n_steps",
+        "steps_per_execution",
+        "grad_accum_steps",
+        "grad_clip_norm",
+        "precision",
+        "limit_train_batches",
+        "limit_val_batches",
+        "overfit_batches",
+        "prefetch",
+    )
+    out: dict[str, Any] = {n: getattr(trainer, n, None) for n in names}
+    spec = getattr(trainer, "_spec", None)
+    out["batch_size"] = getattr(spec, "batch_size", None)
+    mesh = getattr(trainer, "mesh", None)
+    out["mesh"] = dict(mesh.shape) if mesh is not None else None
+    out["num_devices"] = jax.device_count()
+    return json.loads(json.dumps(out, default=str))
+
+
+def _json_float(v: Any) -> Any:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def save_state(
+    manager,
+    trainer,
+    step: int,
+    *,
+    metrics: Mapping | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    weights_only: bool = False,
+) -> bool:
+    """Starts an asynchronous save of the fit's state at ``step``; returns once the arrays
+    are copied off the device. ``metrics`` are the values at save time (the monitored one is
+    ranked by orbax only when finite: a NaN must never count as the best)."""
+    ocp = _ocp()
+    module, train = _split_train_state(trainer.train_state())
+    loop = trainer.loop_state()
+    metrics = {k: _json_float(v) for k, v in (metrics or {}).items()}
+    meta = {
+        "format": FORMAT,
+        "kind": "weights" if weights_only else "full",
+        "step": int(step),
+        "epoch": int(loop["epoch"]),
+        "batch_in_epoch": int(loop["batch_in_epoch"]),
+        "monitor": monitor,
+        "mode": mode,
+        "metrics": metrics,
+        "loop": None if weights_only else loop,
+        "versions": versions(),
+        "trainer": trainer_options(trainer),
+        "time": time.time(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    items = {"module": ocp.args.StandardSave(module.storable())}
+    if not weights_only:
+        items["train"] = ocp.args.StandardSave(train.storable())
+    items["meta"] = ocp.args.JsonSave(meta)
+    ranked = None
+    if monitor is not None:
+        v = metrics.get(monitor)
+        ranked = {monitor: v} if v is not None and math.isfinite(v) else None
+    return manager.save(step, args=ocp.args.Composite(**items), metrics=ranked, force=True)
+
+
+# ----------------------------------------------------------------------------- restoring ---
+# What orbax/tensorstore raise for unreadable folders: DATA_LOSS / OUT_OF_RANGE / NOT_FOUND
+# (ValueError), garbled JSON, a missing item (KeyError), file errors.
+_READ_ERRORS = (ValueError, KeyError, OSError, json.JSONDecodeError)
+
+
+def _read_meta(reader, step: int, where: str) -> dict:
+    ocp = _ocp()
+    try:
+        meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except _READ_ERRORS as e:
+        raise CheckpointCorruptError(f"checkpoint {where} is unreadable: its meta item: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointCorruptError(
+            f"checkpoint {where} has no nnxfit metadata (meta/ is missing or of another format); "
+            "it was not written by nnxfit.callbacks.ModelCheckpoint."
+        )
+    return meta
+
+
+def _restore_items(reader, step: int, where: str, trees: dict[str, _Tree]) -> dict:
+    """Checks every tree against the checkpoint's metadata, then restores them all; returns
+    ``{item: restored leaves in live order}``."""
+    ocp = _ocp()
+    try:
+        md = reader.item_metadata(step)
+    except _READ_ERRORS as e:
+        raise CheckpointCorruptError(f"checkpoint {where} is unreadable: {e}") from e
+    for name, tree in trees.items():
+        disk = md.get(name) if hasattr(md, "get") else None
+        if disk is None:
+            raise CheckpointCorruptError(f"checkpoint {where} has no {name!r} item.")
+        tree.check(getattr(disk, "tree", disk), where)
+    args = ocp.args.Composite(**{n: ocp.args.StandardRestore(t.target()) for n, t in trees.items()})
+    try:
+        out = reader.restore(step, args=args)
+        jax.block_until_ready([out[n] for n in trees])
+    except _READ_ERRORS as e:
+        raise CheckpointCorruptError(
+            f"checkpoint {where} is unreadable (truncated or corrupt data): {e}"
+        ) from e
+    return {n: t.rebuild_leaves(out[n]) for n, t in trees.items()}
+
+
+def restore_into_trainer(trainer, directory: str, step: int) -> dict:
+    """Loads checkpoint ``step`` of ``directory`` into the fit; returns its metadata. Nothing
+    in the trainer changes unless every array was read and matched."""
+    where = os.path.join(directory, str(step))
+    reader = _reader(directory)
+    try:
+        meta = _read_meta(reader, step, where)
+        if meta.get("kind") != "full":
+            raise CheckpointError(
+                f"checkpoint {where} holds weights only (ModelCheckpoint(save_weights_only="
+                "True)) and cannot resume a fit; load it with nnxfit.load_checkpoint(module, "
+                "path), or resume from a full checkpoint."
+            )
+        module, train = _split_train_state(trainer.train_state())
+        out = _restore_items(reader, step, where, {"module": module, "train": train})
+    finally:
+        reader.close()
+    state = {**module.treedef.unflatten(out["module"]), **train.treedef.unflatten(out["train"])}
+    trainer.load_train_state(state)
+    trainer.load_loop_state(meta["loop"])
+    return meta
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a checkpoint (a step folder, or the newest one in a checkpoints
+    folder or workdir): step, epoch, batch_in_epoch, metrics, loop state, versions, options."""
+    directory, step = resolve(path)
+    if step is None:
+        steps = list_steps(directory)
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {directory}.")
+        step = steps[-1]
+    reader = _reader(directory)
+    try:
+        return _read_meta(reader, step, os.path.join(directory, str(step)))
+    finally:
+        reader.close()
+
+
+# ------------------------------------------------------------------------- finding them ---
+def _is_step_dir(path: str) -> bool:
+    return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(path)
+
+
+def resolve(path: str | os.PathLike) -> tuple[str, int | None]:
+    """``(checkpoints folder, step or None)`` for a step folder, a checkpoints folder, or a
+    workdir holding ``checkpoints/``."""
+    path = os.path.abspath(os.fspath(path))
+    if TMP_MARKER in os.path.basename(path):
+        raise CheckpointError(
+            f"{path} is an incomplete checkpoint (a save that never finished); pass a "
+            "complete step folder or the checkpoints folder."
+        )
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path {path} does not exist.")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path {path} is a file; pass a checkpoint folder.")
+    if _is_step_dir(path) and os.path.exists(os.path.join(path, "meta")):
+        return os.path.dirname(path), int(os.path.basename(path))
+    if not list_steps(path) and list_steps(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    return path, None
+
+
+def newest_intact(directory: str, steps: list[int], try_one) -> tuple[int, Any, list]:
+    """Tries ``try_one(step)`` from the newest step down; a corrupt one is skipped with a
+    warning. Returns (step, result, corrupt steps). A mismatch is the caller's error and
+    propagates at once."""
+    corrupt: list[tuple[int, CheckpointCorruptError]] = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, try_one(step), [s for s, _ in corrupt]
+        except CheckpointCorruptError as e:
+            corrupt.append((step, e))
+            warnings.warn(f"{e} Trying an older checkpoint.", ResumeWarning, stacklevel=3)
+    lines = "\n".join(f"  {s}: {e}" for s, e in corrupt)
+    raise CheckpointCorruptError(
+        f"no checkpoint in {directory} is readable:\n{lines}\nNothing was changed on disk; "
+        "start a fresh run or restore the folder from a backup."
+    )
+
+
+# -------------------------------------------------------------------------------- resume ---
+def _checkpoint_dirs(trainer) -> list[str]:
+    from nnxfit.callbacks.checkpoint import ModelCheckpoint
+
+    dirs = [c.resolve_directory(trainer) for c in trainer.cb if isinstance(c, ModelCheckpoint)]
+    if dirs:
+        return list(dict.fromkeys(dirs))
+    if trainer.workdir is None:
+        raise ConfigError(
+            "fit(resume=True) looks for checkpoints in the Trainer's workdir, but workdir is "
+            "None; pass Trainer(workdir=...) or a checkpoint path: fit(..., resume='path')."
+        )
+    return [os.path.abspath(os.path.join(trainer.workdir, "checkpoints"))]
+
+
+def resume_fit(trainer, resume: Any) -> None:
+    """``fit(resume=...)``: loads the newest complete checkpoint (``resume=True``) or the one
+    at a path, into a Trainer whose fit is set up; sets ``trainer.resumed_from``."""
+    if resume is True:
+        candidates = [(d, s) for d in _checkpoint_dirs(trainer) for s in list_steps(d)]
+        if not candidates:
+            where = ", ".join(_checkpoint_dirs(trainer))
+            warnings.warn(
+                f"fit(resume=True): no checkpoint in {where}; starting fresh.",
+                ResumeWarning,
+                stacklevel=4,
+            )
+            return
+        newest = max(s for _, s in candidates)
+        directory = next(d for d, s in candidates if s == newest)
+        steps, explicit = list_steps(directory), False
+    elif isinstance(resume, str | os.PathLike):
+        directory, step = resolve(resume)
+        explicit = step is not None
+        steps = [step] if explicit else list_steps(directory)
+        if not steps:
+            raise CheckpointError(
+                f"fit(resume={os.fspath(resume)!r}): no complete checkpoint in {directory}; "
+                "pass a checkpoint folder (…/checkpoints/<step>), a checkpoints folder, or "
+                "resume=True to start fresh when there is none."
+            )
+    else:
+        raise ConfigError(
+            f"fit(resume=...) takes True, False or a checkpoint path; got {resume!r}."
+        )
+
+    def load(step):
+        return restore_into_trainer(trainer, directory, step)
+
+    if explicit:
+        step, meta, corrupt = steps[0], load(steps[0]), []
+    else:
+        step, meta, corrupt = newest_intact(directory, steps, load)
+    if corrupt and trainer.is_global_zero:
+        dest = move_aside(directory, corrupt, "corrupt")
+        warnings.warn(
+            f"resumed from checkpoint {step}; the unreadable checkpoint(s) {corrupt} were "
+            f"moved to {dest}.",
+            ResumeWarning,
+            stacklevel=4,
+        )
+    trainer.resumed_from = os.path.join(directory, str(step))
+    _warn_on_drift(meta, trainer)
+
+
+def _warn_on_drift(meta: dict, trainer) -> None:
+    old, new = meta.get("trainer", {}), trainer_options(trainer)
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in EXACTNESS_OPTIONS
+        if k in old and old.get(k) != new.get(k)
+    ]
+    old_v, new_v = meta.get("versions", {}), versions()
+    changed += [
+        f"{k} {old_v[k]} -> {new_v.get(k)}"
+        for k in ("jax", "jaxlib")
+        if k in old_v and old_v[k] != new_v.get(k)
+    ]
+    if changed:
+        warnings.warn(
+            f"resuming {trainer.resumed_from} with settings that differ from the run that "
+            f"saved it ({'; '.join(changed)}); training continues, but not bit for bit as the "
+            "uninterrupted run would have.",
+            ResumeWarning,
+            stacklevel=5,
+        )
+
+
+# ----------------------------------------------------------------------- load_checkpoint ---
+def _pick_best(reader, directory: str, steps: list[int]) -> int:
+    best, best_v = None, None
+    for s in steps:
+        try:
+            meta = _read_meta(reader, s, os.path.join(directory, str(s)))
+        except CheckpointCorruptError:
+            continue
+        name, mode = meta.get("monitor"), meta.get("mode", "min")
+        v = (meta.get("metrics") or {}).get(name) if name else None
+        if v is None or not math.isfinite(v):
+            continue
+        if best_v is None or (v < best_v if mode == "min" else v > best_v):
+            best, best_v = s, v
+    return best
+
+
+def load_checkpoint(
+    module: nnx.Module, path_or_workdir: str | os.PathLike, which: str | int = "best"
+) -> CheckpointInfo:
+    """Restores ``module``'s variables in place from a checkpoint, without a Trainer.
+
+    ``path_or_workdir`` is a step folder (``…/checkpoints/12``), a checkpoints folder, or a
+    workdir holding ``checkpoints/``. ``which``: ``"best"`` (by the ModelCheckpoint's
+    ``monitor``; the newest when it had none), ``"last"``, or a step number; ignored when the
+    path is a step folder. The module must have the structure, shapes and dtypes of the one
+    that was trained (checked before anything is overwritten). Returns a ``CheckpointInfo``.
+    """
+    directory, step = resolve(path_or_workdir)
+    steps = list_steps(directory)
+    if step is None and not steps:
+        raise CheckpointError(f"no complete checkpoint in {directory}.")
+    trainable = getattr(module, "trainable", nnx.Param)
+    _, params_v, rest_v = nnx.split(module, trainable, ...)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    variables = jax.tree.leaves(params_v, is_leaf=is_var) + jax.tree.leaves(rest_v, is_leaf=is_var)
+    tree = _Tree("module", {"params": nnx.as_pure(params_v), "rest": nnx.as_pure(rest_v)})
+    reader = _reader(directory)
+    try:
+        if step is None:
+            if isinstance(which, int) and not isinstance(which, bool):
+                if which not in steps:
+                    raise CheckpointError(
+                        f"no checkpoint at step {which} in {directory}; steps there: {steps}."
+                    )
+                step = which
+            elif which == "best":
+                step = _pick_best(reader, directory, steps)
+            elif which != "last":
+                raise ConfigError(
+                    f"load_checkpoint(which={which!r}): use 'best', 'last' or a step number."
+                )
+
+        def load(s):
+            where = os.path.join(directory, str(s))
+            meta = _read_meta(reader, s, where)
+            return meta, _restore_items(reader, s, where, {"module": tree})["module"]
+
+        if step is not None:
+            meta, restored = load(step)
+        else:
+            step, (meta, restored), _ = newest_intact(directory, steps, load)
+    finally:
+        reader.close()
+    for var, x in zip(variables, restored, strict=True):
+        var.set_raw_value(x)
+    return CheckpointInfo(os.path.join(directory, str(step)), step, dict(meta.get("metrics") or {}))
