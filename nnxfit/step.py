@@ -97,12 +97,14 @@ def _cast_like(tree: Any, like: Any) -> Any:
     return jax.tree.map(lambda x, ref: x.astype(ref.dtype) if x.dtype != ref.dtype else x, tree, like)
 
 
+# optax >= 0.1.9 builds InjectStatefulHyperparamsState; the older class is still exported.
+INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
 def find_learning_rate(opt_state: Any) -> jax.Array | None:
     """The learning rate stored by ``optax.inject_hyperparams``, if the optimizer has one."""
-    for node in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState)
-    ):
-        if isinstance(node, optax.InjectHyperparamsState):
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, INJECT_STATES)):
+        if isinstance(node, INJECT_STATES):
             for name in ("learning_rate", "lr"):
                 if name in node.hyperparams:
                     return jnp.asarray(node.hyperparams[name], jnp.float32)
@@ -185,13 +187,18 @@ class Programs:
         if cfg.grad_clip_norm is not None:
             scale = jnp.minimum(1.0, cfg.grad_clip_norm / (gnorm + 1e-12))
             g = jax.tree.map(lambda x: x * scale.astype(x.dtype), g)
-        updates, opt = self.tx.update(g, c.opt, c.params)
-        params = optax.apply_updates(c.params, updates)
         if "grad_norm" in feats:
             step_logs["grad_norm"] = gnorm
         if "module_grad_norms" in feats and isinstance(g, nnx.State):
             for name in g:
                 step_logs[f"grad_norm/{name}"] = optax.tree.norm(g[name])
+
+        def update(t):
+            params, opt, _, new_rest = t
+            updates, opt = self.tx.update(g, opt, params)
+            return optax.apply_updates(params, updates), opt, new_rest
+
+        state = (c.params, c.opt, c.rest, rest)
         ok = jnp.bool_(True)
         health = c.health
         if "finite" in feats:
@@ -199,13 +206,14 @@ class Programs:
             ok = finite
             if "halt_on_nonfinite" in feats:
                 ok = finite & (health["first_nonfinite_step"] < 0)
-            if feats & {"skip_nonfinite", "halt_on_nonfinite"}:
-                params, opt, rest = jax.lax.cond(
-                    ok,
-                    lambda t: t[0],
-                    lambda t: t[1],
-                    ((params, opt, rest), (c.params, c.opt, c.rest)),
-                )
+        if feats & {"skip_nonfinite", "halt_on_nonfinite"}:
+            # Decide before updating: selecting between the updated and the old state after
+            # the update cost 2.1x the step time of a small MLP with optax.adam on CPU, a cond
+            # around the update 1.05x (with inject_hyperparams(adam), ~2x either way).
+            params, opt, rest = jax.lax.cond(ok, update, lambda t: t[:3], state)
+        else:
+            params, opt, rest = update(state)
+        if "finite" in feats:
             first = health["first_nonfinite_step"]
             health = {
                 "nonfinite_steps": health["nonfinite_steps"] + (~finite).astype(jnp.int32),
@@ -213,7 +221,8 @@ class Programs:
             }
         last = dict(c.last)
         if "lr" in feats:
-            lr = find_learning_rate(c.opt)
+            # The updated state holds the lr this update used (the old one, the step before's).
+            lr = find_learning_rate(opt)
             if lr is None and cfg.lr_fn is not None:
                 lr = jnp.asarray(cfg.lr_fn(c.step), jnp.float32)
             if lr is not None:

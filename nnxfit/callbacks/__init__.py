@@ -3,8 +3,15 @@
 from nnxfit.callbacks.base import Callback, CallbackList
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
 from nnxfit.callbacks.csv_logger import CSVLogger
+from nnxfit.callbacks.early_stopping import EarlyStopping
+from nnxfit.callbacks.grad_norm import GradNormMonitor, GradNormWarning
 from nnxfit.callbacks.lambda_callback import LambdaCallback
+from nnxfit.callbacks.lr_monitor import LearningRateMonitor
+from nnxfit.callbacks.monitor import Monitor
+from nnxfit.callbacks.nan_guard import NaNGuard, NonFiniteWarning
+from nnxfit.callbacks.profiler import Profiler
 from nnxfit.callbacks.progress import ProgressBar
+from nnxfit.callbacks.reduce_lr import ReduceLROnPlateau
 from nnxfit.callbacks.summary import ModelSummary, summarize
 from nnxfit.callbacks.tensorboard import TensorBoardLogger
 from nnxfit.callbacks.throughput import DataBottleneckWarning, ThroughputMonitor
@@ -13,11 +20,20 @@ __all__ = [
     "Callback",
     "CallbackList",
     "CSVLogger",
-    "LambdaCallback",
     "DataBottleneckWarning",
+    "EarlyStopping",
+    "GradNormMonitor",
+    "GradNormWarning",
+    "LambdaCallback",
+    "LearningRateMonitor",
     "ModelCheckpoint",
     "ModelSummary",
+    "Monitor",
+    "NaNGuard",
+    "NonFiniteWarning",
+    "Profiler",
     "ProgressBar",
+    "ReduceLROnPlateau",
     "TensorBoardLogger",
     "ThroughputMonitor",
     "summarize",

@@ -1,0 +1,95 @@
+"""``NaNGuard``: what to do when a loss or gradient turns NaN or infinite.
+
+The check runs inside the jitted step (``step.py``): ``isfinite(loss) & isfinite(grad
+norm)``, and the first bad step is recorded on the device. The host learns it at the next
+log interval or epoch end, with no per-step sync, and can still name the exact step:
+
+* ``"stop"`` / ``"raise"``: the step freezes the whole state (parameters, optimizer state,
+  BatchNorm statistics, RNG) from the first bad step on, so the steps dispatched before the
+  host notices change nothing. The parameters are exactly those after the last good step.
+* ``"skip"``: each bad step leaves the state untouched (as ``optax.apply_if_finite``) and
+  training goes on; ``nonfinite_steps`` in the logs counts them.
+
+The guard runs before checkpoint callbacks (``order``): with "stop", the checkpoint written
+when the fit ends holds the last good state.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from nnxfit.callbacks.base import Callback
+from nnxfit.errors import ConfigError, NonFiniteError
+
+ACTIONS = ("stop", "skip", "raise")
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A non-finite loss or gradient was seen (``NaNGuard`` "stop" and "skip")."""
+
+
+class NaNGuard(Callback):
+    """Stops, skips or raises on a non-finite loss or gradient.
+
+    Args:
+        action: ``"stop"`` ends the fit cleanly (``History`` returned, a warning naming the
+            step); ``"skip"`` leaves parameters, optimizer state and other module state
+            untouched on such steps and counts them as ``nonfinite_steps``; ``"raise"``
+            raises ``nnxfit.NonFiniteError`` (with ``.step``).
+
+    After a fit, ``nonfinite_step`` is the first bad step (``None`` if none).
+    """
+
+    order = -100  # before checkpoints: the fit is stopped before anything saves
+    reads_module = False
+
+    def __init__(self, action: str = "stop"):
+        if action not in ACTIONS:
+            raise ConfigError(f"NaNGuard action must be one of {ACTIONS}; got {action!r}.")
+        self.action = action
+        halt = "skip_nonfinite" if action == "skip" else "halt_on_nonfinite"
+        self.step_features = frozenset({"finite", halt})
+        self.nonfinite_step: int | None = None
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.nonfinite_step = None
+
+    def on_train_batch_end(self, trainer, module, step, logs) -> None:
+        if logs:  # a log step: the trainer just fetched the device's health counters
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer) -> None:
+        n = trainer.first_nonfinite_step
+        if n is None or self.nonfinite_step is not None:
+            return
+        self.nonfinite_step = n
+        seen = trainer.global_step
+        if self.action == "skip":
+            warnings.warn(
+                f"NaNGuard: non-finite loss or gradient at step {n}; that update was skipped "
+                "(parameters, optimizer and module state kept) and training goes on. Later "
+                f"skips are counted in the logs as nonfinite_steps ({trainer.nonfinite_steps} "
+                f"by step {seen}).",
+                NonFiniteWarning,
+                stacklevel=2,
+            )
+            return
+        where = f"first non-finite loss or gradient at step {n}"
+        if seen > n:
+            # The host checks at log steps; the steps between changed nothing.
+            where += f" (seen at step {seen}; steps {n}-{seen} were not applied)"
+        msg = (
+            f"NaNGuard: {where}; the parameters are those after step {n - 1}. Look at the "
+            f"batch of step {n}, the learning rate, or the loss (log of 0, labels outside "
+            "[0, num_classes))."
+        )
+        if self.action == "raise":
+            raise NonFiniteError(msg, step=n)
+        trainer.should_stop = True
+        warnings.warn(msg + " Training stopped.", NonFiniteWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        return f"NaNGuard(action={self.action!r})"

@@ -1,0 +1,222 @@
+"""``ReduceLROnPlateau``: multiply the learning rate by ``factor`` when a metric stalls.
+
+Keras's semantics (``keras/src/callbacks/reduce_lr_on_plateau.py``), on optax: the
+optimizer must keep its learning rate in its state, which ``optax.inject_hyperparams``
+does::
+
+    def configure_optimizers(self):
+        return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+
+At an epoch end that calls for a reduction, the callback writes the new rate into that
+state (a device array of the same shape, dtype and sharding). The jitted step reads the
+rate as a traced input: nothing is rebuilt or recompiled, and the rate is checkpointed
+with the optimizer state, so a resumed run continues at the reduced rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from nnxfit.callbacks.base import Callback
+from nnxfit.callbacks.early_stopping import _count, _epochs, _number
+from nnxfit.callbacks.monitor import Monitor, announce
+from nnxfit.errors import ConfigError
+from nnxfit.step import INJECT_STATES
+
+NAMES = ("learning_rate", "lr")
+
+
+def _is_inject(x: Any) -> bool:
+    return isinstance(x, INJECT_STATES)
+
+
+def _injected(opt_state: Any) -> list:
+    return [n for n in jax.tree.leaves(opt_state, is_leaf=_is_inject) if _is_inject(n)]
+
+
+def _lr_name(node) -> str | None:
+    return next((k for k in NAMES if k in node.hyperparams), None)
+
+
+def learning_rates(opt_state: Any) -> list[float]:
+    """Every injected learning rate in ``opt_state`` (host floats; one device sync)."""
+    nodes = [n for n in _injected(opt_state) if _lr_name(n) is not None]
+    return [float(v) for v in jax.device_get([n.hyperparams[_lr_name(n)] for n in nodes])]
+
+
+def scale_learning_rates(opt_state: Any, new: Any) -> Any:
+    """``opt_state`` with each injected learning rate ``x`` replaced by ``new(float(x))``,
+    keeping its dtype, weak type and sharding (so the step's signature is unchanged)."""
+
+    def swap(node):
+        if not _is_inject(node) or _lr_name(node) is None:
+            return node
+        name = _lr_name(node)
+        old = node.hyperparams[name]
+        value = jax.lax.full_like(old, new(float(old)))
+        if isinstance(old, jax.Array):
+            value = jax.device_put(value, old.sharding)
+        return node._replace(hyperparams={**node.hyperparams, name: value})
+
+    return jax.tree.map(swap, opt_state, is_leaf=_is_inject)
+
+
+def check_reducible(opt_state: Any, module_name: str) -> None:
+    """A ``ConfigError`` naming the fix unless the optimizer keeps a settable learning rate."""
+    nodes = [n for n in _injected(opt_state) if _lr_name(n) is not None]
+    if not nodes:
+        raise ConfigError(
+            f"ReduceLROnPlateau needs {module_name}'s optimizer to keep its learning rate in its "
+            "state. In configure_optimizers, wrap the optimizer with optax.inject_hyperparams, "
+            "e.g. optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)."
+        )
+    for n in nodes:
+        # inject_hyperparams re-evaluates a schedule every step, overwriting any change.
+        if _lr_name(n) in (getattr(n, "hyperparams_states", None) or {}):
+            raise ConfigError(
+                f"{module_name}'s learning_rate is a schedule inside optax.inject_hyperparams; "
+                "the schedule sets it every step, so ReduceLROnPlateau cannot lower it. Pass a "
+                "constant learning_rate, or drop one of the two."
+            )
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiplies the learning rate by ``factor`` after ``patience`` epochs without an
+    improvement of ``monitor`` by more than ``min_delta``.
+
+    The optimizer must come from ``optax.inject_hyperparams`` with a constant
+    ``learning_rate``; anything else fails at fit start, naming the fix.
+
+    Args:
+        monitor: metric to watch (key of the epoch logs).
+        factor: multiplier, in (0, 1).
+        patience: epochs without improvement before a reduction.
+        mode: ``"min"``, ``"max"`` or ``"auto"``.
+        min_delta: an improvement must beat the best value by more than this (absolute).
+        cooldown: epochs to wait after a reduction before counting again.
+        min_lr: the rate never goes below this.
+        verbose: print a line on each reduction.
+
+    ``lr`` (the rate of the epoch's last step) is logged at log steps and epoch ends.
+    """
+
+    reads_module = False
+    step_features = frozenset({"lr"})  # logs the rate the step used, from the opt state
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        mode: str = "min",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        verbose: bool = True,
+    ):
+        me = "ReduceLROnPlateau"
+        self.monitor, self.mode = monitor, mode  # as given (Keras's attributes)
+        self._m = Monitor(monitor, mode, owner=me)
+        self.factor = _number(me, "factor", factor)
+        if not 0.0 < self.factor < 1.0:
+            raise ConfigError(
+                f"ReduceLROnPlateau factor must be in (0, 1): the rate is multiplied by it; got "
+                f"{factor!r}."
+            )
+        self.patience = _count(me, "patience", patience)
+        self.cooldown = _count(me, "cooldown", cooldown)
+        self.min_delta = _number(me, "min_delta", min_delta)
+        self.min_lr = _number(me, "min_lr", min_lr)
+        if self.min_delta < 0 or self.min_lr < 0:
+            raise ConfigError(
+                f"ReduceLROnPlateau min_delta and min_lr must be >= 0; got min_delta="
+                f"{min_delta!r}, min_lr={min_lr!r}."
+            )
+        self.verbose = bool(verbose)
+        self._reset()
+
+    @property
+    def direction(self) -> str:
+        """``"min"`` or ``"max"``: ``mode`` with ``"auto"`` resolved."""
+        return self._m.direction
+
+    def _reset(self) -> None:
+        self.best = self._m.worst
+        self.wait = 0
+        self.cooldown_counter = 0
+        self.reductions: list[tuple[int, float]] = []  # (epoch, new lr)
+
+    def in_cooldown(self) -> bool:
+        return self.cooldown_counter > 0
+
+    def on_fit_start(self, trainer, module) -> None:
+        if getattr(trainer, "resumed_from", None) is None:
+            self._reset()
+        check_reducible(trainer.train_state()["opt"], type(module).__name__)
+        self._m.check_fit(trainer)
+
+    def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
+        current = self._m.lookup(logs)
+        if current is None:
+            return
+        if self.in_cooldown():
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if self._m.is_better(current, self.best, self.min_delta):
+            self.best = current
+            self.wait = 0
+            return
+        if self.in_cooldown():
+            return
+        self.wait += 1
+        if self.wait >= self.patience and self._reduce(trainer, epoch):
+            self.cooldown_counter = self.cooldown
+            self.wait = 0
+
+    def _reduce(self, trainer, epoch: int) -> bool:
+        """Lowers every injected rate above ``min_lr``; False when all are at the floor."""
+        state = trainer.train_state()
+        old = learning_rates(state["opt"])
+        floor = np.float32(self.min_lr)
+        if all(np.float32(x) <= floor for x in old):
+            return False
+
+        def new(x: float) -> float:
+            return max(x * self.factor, self.min_lr) if np.float32(x) > floor else x
+
+        state["opt"] = scale_learning_rates(state["opt"], new)
+        trainer.load_train_state(state)
+        lr = new(old[0])
+        self.reductions.append((epoch, lr))
+        if self.verbose:
+            announce(
+                trainer,
+                f"ReduceLROnPlateau: {self.monitor} has not improved for {_epochs(self.wait)} "
+                f"(best {self.best:.6g}); learning rate {old[0]:.4g} -> {lr:.4g} from "
+                f"epoch {epoch + 2}.",
+            )
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "wait": self.wait,
+            "cooldown_counter": self.cooldown_counter,
+            "reductions": [list(r) for r in self.reductions],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best = float(state.get("best", self._m.worst))
+        self.wait = int(state.get("wait", 0))
+        self.cooldown_counter = int(state.get("cooldown_counter", 0))
+        self.reductions = [(int(e), float(v)) for e, v in state.get("reductions", [])]
+
+    def __repr__(self) -> str:
+        return (
+            f"ReduceLROnPlateau(monitor={self.monitor!r}, factor={self.factor}, "
+            f"patience={self.patience}, cooldown={self.cooldown}, min_lr={self.min_lr})"
+        )

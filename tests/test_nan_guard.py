@@ -1,0 +1,160 @@
+"""NaNGuard: the exact bad step is named even when the host looks only every 50 steps; stop
+and raise keep the last good state; skip equals a run that never saw the bad batch."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from models import Classifier, toy_data
+
+import nnxfit
+from nnxfit.callbacks.checkpoint import ModelCheckpoint
+from nnxfit.callbacks.nan_guard import NaNGuard, NonFiniteWarning
+from nnxfit.checkpoint import load_checkpoint
+
+BS = 4
+X, Y = toy_data(BS * 60)  # 60 steps an epoch
+
+
+def batches(bad=(), label=False):
+    """The toy data as a list of batches (a re-iterable loader); batch i in ``bad`` gets a NaN
+    input, or with ``label`` a class index out of range (NaN loss, finite gradients)."""
+    out = []
+    for i in range(len(X) // BS):
+        x, y = X[i * BS : (i + 1) * BS].copy(), Y[i * BS : (i + 1) * BS].copy()
+        if i in bad:
+            if label:
+                y[1] = 7  # 3 classes
+            else:
+                x[2, 3] = np.nan
+        out.append((x, y))
+    return out
+
+
+def state(module, filt=...):
+    return [
+        np.array(
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+            copy=True,
+        )
+        for x in jax.tree.leaves(nnx.state(module, filt))
+    ]
+
+
+def same(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def fit(data, callbacks, module=None, **kw):
+    kw = {"max_epochs": 2, "log_every_n_steps": 50, "progress_bar": False, **kw}
+    module = module or Classifier()
+    trainer = nnxfit.Trainer(callbacks=callbacks, **kw)
+    return trainer, module, trainer.fit(module, data)
+
+
+def reference_after(steps, **kw):
+    """Module state after ``steps`` good steps, from a run with the same step program."""
+    _, module, _ = fit(batches(), [NaNGuard("stop")], max_steps=steps, **kw)
+    return state(module)
+
+
+def test_unknown_action_fails_at_construction():
+    with pytest.raises(nnxfit.ConfigError, match="action must be one of .*'skip'.*'ignore'"):
+        NaNGuard("ignore")
+
+
+def test_stop_names_the_exact_step_though_the_host_looks_every_50_steps():
+    with pytest.warns(NonFiniteWarning) as rec:
+        trainer, module, history = fit(batches(bad={6}), [guard := NaNGuard("stop")])
+    msg = str(rec[0].message)
+    assert "first non-finite loss or gradient at step 7 " in msg
+    assert "seen at step 50; steps 7-50 were not applied" in msg
+    assert "parameters are those after step 6" in msg and "Training stopped" in msg
+    assert len(rec) == 1 and guard.nonfinite_step == 7
+    # Stopped cleanly at the first log step, history returned for the partial epoch.
+    assert trainer.global_step == 50 and history.epoch == [0]
+    assert np.isfinite(history.history["loss"][0])  # the mean of steps 1-6
+    # Frozen on the good state, steps 8-50 were finite: only step 7 counts.
+    assert history.history["nonfinite_steps"] == [1.0]
+    # The module holds exactly the state after step 6 (params, optimizer-free: module state).
+    assert same(state(module), reference_after(6))
+
+
+def test_stop_with_steps_per_execution_still_names_the_step():
+    with pytest.warns(NonFiniteWarning, match="at step 7 .*after step 6"):
+        trainer, module, _ = fit(batches(bad={6}), [NaNGuard("stop")], steps_per_execution=8)
+    assert trainer.global_step == 56  # the first log step at or after 50, in calls of 8
+
+
+def test_raise_names_the_step_and_leaves_the_last_good_state():
+    module = Classifier()
+    with pytest.raises(nnxfit.NonFiniteError, match="at step 7 ") as err:
+        fit(batches(bad={6}), [NaNGuard("raise")], module=module)
+    assert err.value.step == 7
+    assert isinstance(err.value, FloatingPointError)
+    assert same(state(module), reference_after(6))
+
+
+def test_nan_loss_with_finite_gradients_is_caught():
+    """A label outside [0, num_classes) gives a NaN loss but finite gradients: the guard
+    checks the loss too."""
+    x, y = batches(bad={2}, label=True)[2]
+    loss, grads = nnx.value_and_grad(lambda m: m.training_step((x, y))[0])(Classifier())
+    assert np.isnan(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    with pytest.raises(nnxfit.NonFiniteError, match="at step 3;") as err:
+        fit(batches(bad={2}, label=True), [NaNGuard("raise")], log_every_n_steps=1)
+    assert err.value.step == 3
+
+
+def test_skip_equals_a_run_that_never_saw_the_bad_batch():
+    """Dropout and BatchNorm: a skipped step must leave params, optimizer state, BatchNorm
+    statistics and the RNG untouched, so the run matches one without that batch bit for bit."""
+    bad = batches(bad={3, 41})
+    good = [b for i, b in enumerate(bad) if i not in (3, 41)]
+
+    def run(data):
+        module = Classifier(dropout=0.2, batchnorm=True)
+        trainer, module, history = fit(data, [NaNGuard("skip")], module=module)
+        opt = [np.array(x) for x in jax.tree.leaves(trainer.train_state()["opt"])]
+        return trainer, module, history, opt
+
+    with pytest.warns(NonFiniteWarning, match="at step 4; that update was skipped") as rec:
+        trainer, skipped, history, opt = run(bad)
+    assert len(rec) == 1  # once; the rest are counted
+    _, clean, clean_history, clean_opt = run(good)
+    assert same(state(skipped), state(clean))  # params, batch stats, RNG keys and counts
+    assert same(opt, clean_opt)
+    assert trainer.nonfinite_steps == 4 and trainer.first_nonfinite_step == 4
+    assert history.history["nonfinite_steps"] == [2.0, 4.0]  # running count
+    # Epoch means leave the skipped steps out.
+    np.testing.assert_allclose(history.history["loss"], clean_history.history["loss"], rtol=1e-6)
+    assert all(np.isfinite(x).all() for x in state(skipped))
+
+
+def test_without_a_guard_the_nan_spreads():
+    """The control for the tests above: the same data poisons an unguarded run."""
+    _, module, _ = fit(batches(bad={6}), [], max_epochs=1)
+    assert not all(np.isfinite(x).all() for x in state(module, nnx.Param))
+
+
+def test_stop_runs_before_checkpoints_and_the_saved_state_is_good(tmp_path):
+    ckpt = ModelCheckpoint()
+    assert NaNGuard.order < ckpt.order
+    with pytest.warns(NonFiniteWarning):
+        _, module, _ = fit(batches(bad={6}), [ckpt, NaNGuard("stop")], workdir=tmp_path)
+    saved = Classifier(seed=1)
+    load_checkpoint(saved, tmp_path, "last")
+    assert same(state(saved, nnx.Param), state(module, nnx.Param))
+    assert same(state(module), reference_after(6))
+
+
+def test_no_warning_and_no_stop_on_a_clean_run():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteWarning)
+        trainer, _, history = fit(batches(), [guard := NaNGuard("stop")], max_epochs=1)
+    assert trainer.global_step == 60 and guard.nonfinite_step is None
+    assert history.history["nonfinite_steps"] == [0.0]
