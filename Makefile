@@ -1,4 +1,5 @@
 # Each target creates or updates the virtualenv .venv in the repo itself.
+# The torch extra is a CPU build (torch==2.13.0) so the DataLoader tests run, not skip.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,torch]"
 	touch $(STAMP)
 
 venv: $(STAMP)

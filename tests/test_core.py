@@ -318,3 +318,24 @@ def test_optimizer_dict_and_lr_schedule_accepted():
     t = nnxfit.Trainer(max_steps=2, progress_bar=False)
     t.fit(WithSchedule(), ArrayLoader((x, y), 16))
     assert t._programs.config.lr_fn is not None
+
+
+def test_prefetch_gives_same_result_and_propagates_errors():
+    x, y = toy_data(100)
+
+    def run(prefetch):
+        m = Classifier(dropout=0.2)
+        t = nnxfit.Trainer(max_epochs=2, progress_bar=False, prefetch=prefetch)
+        t.fit(m, ArrayLoader((x, y), 16, shuffle=True))
+        return params_of(m)
+
+    for a, b in zip(run(0), run(2)):
+        np.testing.assert_array_equal(a, b)
+
+    class Broken:
+        def __iter__(self):
+            yield (x[:16], y[:16])
+            raise OSError("disk gone at batch 1")
+
+    with pytest.raises(OSError, match="disk gone"):
+        nnxfit.Trainer(max_epochs=1, progress_bar=False, prefetch=2).fit(Classifier(), Broken())
