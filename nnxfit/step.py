@@ -72,7 +72,9 @@ def split_loss(out: Any) -> tuple[jax.Array, dict]:
 
 def check_metrics(metrics: Any, where: str) -> dict:
     if not isinstance(metrics, dict):
-        raise StepOutputError(f"{where} must return a dict of scalars; got {type(metrics).__name__}.")
+        raise StepOutputError(
+            f"{where} must return a dict of scalars; got {type(metrics).__name__}."
+        )
     out = {}
     for k, v in metrics.items():
         v = jnp.asarray(v)
@@ -94,7 +96,9 @@ def _cast_floats(tree: Any, dtype) -> Any:
 
 
 def _cast_like(tree: Any, like: Any) -> Any:
-    return jax.tree.map(lambda x, ref: x.astype(ref.dtype) if x.dtype != ref.dtype else x, tree, like)
+    return jax.tree.map(
+        lambda x, ref: x.astype(ref.dtype) if x.dtype != ref.dtype else x, tree, like
+    )
 
 
 # optax >= 0.1.9 builds InjectStatefulHyperparamsState; the older class is still exported.
@@ -252,8 +256,9 @@ class Programs:
         b = batch_shapes
         if self.config.grad_accum_steps > 1:
             b = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype), b)
-        out = jax.eval_shape(lambda p, r, x: self.grads(p, r, x)[1], carry_shapes.params,
-                             carry_shapes.rest, b)
+        out = jax.eval_shape(
+            lambda p, r, x: self.grads(p, r, x)[1], carry_shapes.params, carry_shapes.rest, b
+        )
         return list(out)
 
     # -- eval and predict ----------------------------------------------------------------
@@ -294,7 +299,7 @@ class Programs:
 def stack(leaves_list: list[list]) -> list:
     """Stack per-batch leaf lists along a new leading axis (numpy stays on the host)."""
     out = []
-    for parts in zip(*leaves_list):
+    for parts in zip(*leaves_list, strict=False):
         if all(isinstance(p, np.ndarray) for p in parts):
             out.append(np.stack(parts))
         else:

@@ -120,7 +120,9 @@ class Trainer:
         if grad_clip_norm is not None and not (
             isinstance(grad_clip_norm, int | float) and grad_clip_norm > 0
         ):
-            raise ConfigError(f"grad_clip_norm must be a number > 0 or None; got {grad_clip_norm!r}.")
+            raise ConfigError(
+                f"grad_clip_norm must be a number > 0 or None; got {grad_clip_norm!r}."
+            )
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
         if not isinstance(prefetch, int) or prefetch < 0:
@@ -133,8 +135,10 @@ class Trainer:
         self.prefetch = prefetch
         self.console = console
         self.workdir = os.fspath(workdir) if workdir is not None else None
-        if self.workdir is not None and os.path.exists(self.workdir) and not os.path.isdir(
-            self.workdir
+        if (
+            self.workdir is not None
+            and os.path.exists(self.workdir)
+            and not os.path.isdir(self.workdir)
         ):
             raise ConfigError(
                 f"workdir {self.workdir!r} exists and is a file; pass a folder path (it is "
@@ -183,8 +187,9 @@ class Trainer:
         if self.overfit_batches:  # the same first N batches every epoch, validated on too
             train_data = take_batches(train_data, self.overfit_batches)
             val_data = train_data if has_validation_step(module) else None
-        self.cb = CallbackList(self._default_callbacks() + self.callbacks +
-                               list(module.configure_callbacks() or []))
+        self.cb = CallbackList(
+            self._default_callbacks() + self.callbacks + list(module.configure_callbacks() or [])
+        )
         self._setup_fit(module, train_data, val_data, first)
         if resume:
             self._resume(resume)
@@ -374,8 +379,10 @@ class Trainer:
         sums, count, last, _ = self._fetch()
         prev_sums, prev_count = self._prev
         n = count - prev_count
-        logs = {k: (float(v) - prev_sums.get(k, 0.0)) / n if n > 0 else math.nan
-                for k, v in sums.items()}
+        logs = {
+            k: (float(v) - prev_sums.get(k, 0.0)) / n if n > 0 else math.nan
+            for k, v in sums.items()
+        }
         self._prev = ({k: float(v) for k, v in sums.items()}, count)
         self._add_extras(logs, last)
         self.logged_metrics = dict(logs)
@@ -552,7 +559,7 @@ class Trainer:
         """Points the module's Variables at the current device arrays (cheap: no tree walk)."""
         if self._leaves is None or self.module is None:
             return
-        for var, x in zip(self._live_vars, self._leaves[: self._n_module]):
+        for var, x in zip(self._live_vars, self._leaves[: self._n_module], strict=False):
             if allow_deleted and isinstance(x, jax.Array) and x.is_deleted():
                 continue
             var.set_raw_value(x)

@@ -48,9 +48,7 @@ class Recorder(nnxfit.Callback):
 def test_hook_order_golden():
     x, y = toy_data(48)
     rec = Recorder()
-    trainer = nnxfit.Trainer(
-        max_epochs=2, callbacks=[rec], progress_bar=False, log_every_n_steps=2
-    )
+    trainer = nnxfit.Trainer(max_epochs=2, callbacks=[rec], progress_bar=False, log_every_n_steps=2)
     trainer.fit(Classifier(), ArrayLoader((x, y), 16), val_data=ArrayLoader((x, y), 32))
     val = "val_end:['val_accuracy', 'val_loss']"
     assert rec.calls == [
@@ -130,7 +128,9 @@ class ReadyProbe(nnxfit.Callback):
 
 
 def test_no_host_sync_between_log_intervals():
-    data = [(np.random.default_rng(i).normal(size=(256, 384)).astype(np.float32),) for i in range(8)]
+    data = [
+        (np.random.default_rng(i).normal(size=(256, 384)).astype(np.float32),) for i in range(8)
+    ]
     probe, control = ReadyProbe(), ReadyProbe(sync=True)
     for cb in (probe, control):
         t = nnxfit.Trainer(max_epochs=2, progress_bar=False, log_every_n_steps=1000, callbacks=[cb])
@@ -151,7 +151,7 @@ def test_steps_per_execution_matches_single_steps():
 
     m1, h1, t1 = run(1)
     m4, h4, t4 = run(4)
-    for a, b in zip(jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m4))):
+    for a, b in zip(jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m4)), strict=False):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
@@ -184,7 +184,7 @@ def test_grad_accumulation_equals_big_batch():
     t = nnxfit.Trainer(max_epochs=2, progress_bar=False, grad_accum_steps=2)
     h = t.fit(m_acc, ArrayLoader((x, y), 32))
     assert t.global_step == 4
-    for a, b in zip(params_of(m_big), params_of(m_acc)):
+    for a, b in zip(params_of(m_big), params_of(m_acc), strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert len(h.history["loss"]) == 2
 
@@ -253,9 +253,7 @@ def test_callback_sees_and_changes_module_mid_fit():
 
     cb = Zero()
     m = Classifier(opt="sgd", lr=0.0)  # lr 0: only the callback changes the bias
-    nnxfit.Trainer(max_epochs=1, progress_bar=False, callbacks=[cb]).fit(
-        m, ArrayLoader((x, y), 16)
-    )
+    nnxfit.Trainer(max_epochs=1, progress_bar=False, callbacks=[cb]).fit(m, ArrayLoader((x, y), 16))
     assert np.all(cb.seen[2] == 7.0) and np.all(cb.end == 7.0)
     assert np.all(np.asarray(m.net.l1.bias[...]) == 7.0)
 
@@ -296,7 +294,7 @@ def test_grad_clip_norm_limits_update():
     nnxfit.Trainer(max_steps=1, progress_bar=False, grad_clip_norm=1e-3).fit(
         m1, ArrayLoader((x, y), 32)
     )
-    delta = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(params_of(m1), start)))
+    delta = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(params_of(m1), start, strict=False)))
     assert delta == pytest.approx(1e-3, rel=1e-3)
 
 
@@ -329,7 +327,7 @@ def test_prefetch_gives_same_result_and_propagates_errors():
         t.fit(m, ArrayLoader((x, y), 16, shuffle=True))
         return params_of(m)
 
-    for a, b in zip(run(0), run(2)):
+    for a, b in zip(run(0), run(2), strict=False):
         np.testing.assert_array_equal(a, b)
 
     class Broken:

@@ -60,7 +60,9 @@ def test_batch_with_other_trailing_shape_names_leaf_shapes_and_index():
 
 def test_batch_with_other_dtype_or_structure():
     x, y = toy_data(32)
-    with pytest.raises(nnxfit.BatchError, match=r"batch 1 has \[1\].dtype int64, earlier batches int32"):
+    with pytest.raises(
+        nnxfit.BatchError, match=r"batch 1 has \[1\].dtype int64, earlier batches int32"
+    ):
         fit([(x[:16], y[:16]), (x[16:], y[16:].astype(np.int64))])
     with pytest.raises(nnxfit.BatchError, match="batch 1 has structure"):
         fit([(x[:16], y[:16]), {"x": x[16:], "y": y[16:]}])

@@ -136,9 +136,13 @@ class CallbackList:
 
     def state_dicts(self) -> dict[str, dict]:
         """Every stateful callback's ``state_dict``, keyed by class name (``_2`` for a second)."""
-        return {k: s for k, c in zip(self._keys(), self.callbacks) if (s := c.state_dict())}
+        return {
+            k: s
+            for k, c in zip(self._keys(), self.callbacks, strict=False)
+            if (s := c.state_dict())
+        }
 
     def load_state_dicts(self, states: Mapping[str, Mapping]) -> None:
-        for k, c in zip(self._keys(), self.callbacks):
+        for k, c in zip(self._keys(), self.callbacks, strict=False):
             if k in states:
                 c.load_state_dict(states[k])
