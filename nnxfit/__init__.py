@@ -9,6 +9,7 @@ from nnxfit.checkpoint import (
     load_checkpoint,
     read_meta,
 )
+from nnxfit.compile_watch import CompileWatch, RecompileWarning, enable_compilation_cache
 from nnxfit.errors import (
     BatchError,
     CheckpointError,
@@ -32,17 +33,20 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointMismatchError",
+    "CompileWatch",
     "ConfigError",
     "EmptyDataError",
     "History",
     "NnxfitError",
     "NonFiniteError",
+    "RecompileWarning",
     "ResumeWarning",
     "StepOutputError",
     "Trainer",
     "TrainModule",
     "TrainingInterrupted",
     "__version__",
+    "enable_compilation_cache",
     "load_checkpoint",
     "read_meta",
 ]

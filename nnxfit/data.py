@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnxfit.adapters import adapt
+from nnxfit.adapters import GrainLoader, adapt  # noqa: F401 (GrainLoader re-exported)
 from nnxfit.errors import BatchError, ConfigError, EmptyDataError
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from nnxfit.callbacks.base import Callback, CallbackList
 from nnxfit.data import (
+    ArrayLoader,
     BatchSpec,
     check_reiterable,
     epoch_batches,
@@ -342,8 +343,11 @@ class Trainer:
                 yield out
 
         batches = epoch_batches(self.train_data, epoch, start, self.limit_train_batches)
+        # An ArrayLoader's batches are slices of arrays checked once at construction: only
+        # their batch size can change, so the per-batch structure check is skipped for them.
+        check = _leaves_of if isinstance(self.train_data, ArrayLoader) else spec.check
         for i, batch in enumerate(batches, start):
-            leaves = spec.check(batch, i)
+            leaves = check(batch, i)
             if group and leaves[0].shape[0] != group[0][0].shape[0]:
                 yield from push(group)
                 group = []
@@ -714,6 +718,10 @@ class Trainer:
 
     def _first_batch(self, data: Any, where: str) -> Any:
         return first_batch(data, where)
+
+
+def _leaves_of(batch: Any, index: int) -> list:
+    return jax.tree.leaves(batch)
 
 
 def wait_ready(arrays: list) -> None:
