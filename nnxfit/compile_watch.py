@@ -68,6 +68,7 @@ class CompileWatch(Callback):
 
     order = -1000  # first: its hooks only arm and disarm listeners
     reads_module = False
+    epoch_end_barrier = False  # records only
 
     def __init__(self, warn: bool = True):
         self.warn = warn
@@ -115,16 +116,19 @@ class CompileWatch(Callback):
     def _on_trace(self, kind: str, batch_leaves: list) -> None:
         tr = self._trainer
         shapes = tuple((tuple(x.shape), str(x.dtype)) for x in batch_leaves)
-        rec = CompileRecord(
-            kind, shapes, tr.global_step if tr else 0, tr.current_epoch if tr else 0
+        # The epoch whose batches are being dispatched: one ahead of current_epoch while the
+        # Trainer starts the next epoch early, before the last one's end hooks.
+        epoch = (
+            (tr.dispatch_epoch if tr.dispatch_epoch is not None else tr.current_epoch) if tr else 0
         )
+        rec = CompileRecord(kind, shapes, tr.global_step if tr else 0, epoch)
         self._pending = rec
         self._thread = threading.get_ident()
         self.records.append(rec)
 
         per_batch = self._per_batch_shapes(kind, shapes)
         new = per_batch not in self._seen_batch_shapes
-        mid_fit = tr is not None and tr.current_epoch > self._start_epoch
+        mid_fit = tr is not None and epoch > self._start_epoch
         if new and mid_fit and self.warn and not self._warned and self._seen_batch_shapes:
             self._warned = True
             warnings.warn(self._recompile_message(rec, per_batch), RecompileWarning, stacklevel=2)

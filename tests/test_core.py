@@ -337,3 +337,28 @@ def test_prefetch_gives_same_result_and_propagates_errors():
 
     with pytest.raises(OSError, match="disk gone"):
         nnxfit.Trainer(max_epochs=1, progress_bar=False, prefetch=2).fit(Classifier(), Broken())
+
+
+def test_next_epoch_starts_early_only_behind_recording_callbacks(tmp_path):
+    x, y = toy_data(100)
+
+    class Barrier(nnxfit.Callback):  # an ordinary callback: may read or stop at epoch end
+        def on_train_epoch_end(self, trainer, module, epoch, logs):
+            pass
+
+    def run(extra, workdir):
+        m = Classifier(dropout=0.2, batchnorm=True)
+        t = nnxfit.Trainer(
+            max_epochs=4, progress_bar=False, workdir=workdir, callbacks=extra, log_every_n_steps=3
+        )
+        h = t.fit(m, ArrayLoader((x, y), 16, shuffle=True))
+        return m, h, t
+
+    m1, h1, t1 = run([], tmp_path / "a")  # CSVLogger only: records, so epochs start early
+    m2, h2, t2 = run([Barrier()], tmp_path / "b")
+    assert t1.early_starts == 3 and t2.early_starts == 0
+    assert h1.history == h2.history and t1.global_step == t2.global_step == 28
+    for a, b in zip(params_of(m1), params_of(m2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rows1 = (tmp_path / "a" / "metrics.csv").read_text()
+    assert rows1 == (tmp_path / "b" / "metrics.csv").read_text()

@@ -30,6 +30,8 @@ class Callback:
       never saved; loggers run last so they see what others logged).
     * ``reads_module``: ``False`` promises the callback never looks at the module, so the
       Trainer need not write its on-device state back before the hook runs.
+    * ``epoch_end_barrier``: ``False`` promises the epoch hooks only record (loggers,
+      progress): the next epoch may start on the device while they run.
     * ``step_features``: names of quantities the jitted step must compute for this callback:
       ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``.
       They reach ``logs`` at the next log interval with no per-step host sync.
@@ -41,6 +43,11 @@ class Callback:
     order: int = 0
     reads_module: bool = True
     step_features: frozenset[str] = frozenset()
+    # False promises that the epoch hooks only record (logs, counters, clocks): they neither
+    # read nor change the training state nor stop the fit. When every callback with an epoch
+    # hook promises it, the Trainer dispatches the next epoch's first step before running the
+    # epoch-end hooks, so the device is not idle while they run.
+    epoch_end_barrier: bool = True
 
     def on_fit_start(self, trainer: Trainer, module) -> None:
         pass
@@ -115,6 +122,10 @@ class CallbackList:
 
     def for_hook(self, hook: str) -> list[Callback]:
         return self._by_hook[hook]
+
+    def epoch_barrier(self) -> bool:
+        hooks = ("on_train_epoch_end", "on_train_epoch_start")
+        return any(c.epoch_end_barrier for h in hooks for c in self._by_hook[h])
 
     def needs_module(self, hook: str) -> bool:
         return any(c.reads_module for c in self._by_hook[hook])

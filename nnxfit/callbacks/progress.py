@@ -113,6 +113,7 @@ class ProgressBar(Callback):
 
     order = 90  # late: show what other callbacks added to the logs
     reads_module = False
+    epoch_end_barrier = False  # records only
 
     def __init__(
         self,
