@@ -675,7 +675,7 @@ class Trainer:
         cbs = self.cb.for_hook(name)
         if not cbs:
             return
-        needs_module = self.fitting and any(c.reads_module for c in cbs)
+        needs_module = self.fitting and self.cb.needs_module(name)
         if needs_module:
             self._sync_to_module()
         first = None

@@ -113,6 +113,8 @@ class CallbackList:
         # Stable sort keeps the user's order among equals.
         self.callbacks = sorted(cbs, key=lambda c: c.order)
         self._by_hook = {h: [c for c in self.callbacks if overrides(c, h)] for h in HOOKS}
+        # Looked up on every call of a hook: computed once, not per step.
+        self._reads = {h: any(c.reads_module for c in cbs) for h, cbs in self._by_hook.items()}
 
     def __iter__(self):
         return iter(self.callbacks)
@@ -128,7 +130,7 @@ class CallbackList:
         return any(c.epoch_end_barrier for h in hooks for c in self._by_hook[h])
 
     def needs_module(self, hook: str) -> bool:
-        return any(c.reads_module for c in self._by_hook[hook])
+        return self._reads[hook]
 
     def step_features(self) -> frozenset[str]:
         out: set[str] = set()
