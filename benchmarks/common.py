@@ -258,13 +258,12 @@ class Stopwatch(nnxfit.Callback):
         if epoch == 0 or epoch + 1 == trainer.max_epochs:
             jax.block_until_ready(trainer.train_state())
             t = time.perf_counter()
+            # The device has done every step dispatched so far, which may run ahead of the
+            # epoch whose end this is (the Trainer's lookahead).
             if epoch == 0:
-                # The state waited on includes a call of epoch 1 dispatched early, if any.
-                early = min(trainer.steps_per_execution, trainer.steps_per_epoch or 1)
-                self.t0 = t
-                self.s0 = trainer.global_step + (early if trainer.early_starts else 0)
+                self.t0, self.s0 = t, trainer.dispatch_step
             else:
-                self.t1, self.s1 = t, trainer.global_step
+                self.t1, self.s1 = t, trainer.dispatch_step
 
     @property
     def rate(self) -> float:

@@ -116,12 +116,11 @@ class CompileWatch(Callback):
     def _on_trace(self, kind: str, batch_leaves: list) -> None:
         tr = self._trainer
         shapes = tuple((tuple(x.shape), str(x.dtype)) for x in batch_leaves)
-        # The epoch whose batches are being dispatched: one ahead of current_epoch while the
-        # Trainer starts the next epoch early, before the last one's end hooks.
+        # The step and epoch being dispatched: the hooks' counters may trail them (lookahead).
         epoch = (
             (tr.dispatch_epoch if tr.dispatch_epoch is not None else tr.current_epoch) if tr else 0
         )
-        rec = CompileRecord(kind, shapes, tr.global_step if tr else 0, epoch)
+        rec = CompileRecord(kind, shapes, tr.dispatch_step if tr else 0, epoch)
         self._pending = rec
         self._thread = threading.get_ident()
         self.records.append(rec)

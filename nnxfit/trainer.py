@@ -8,9 +8,9 @@ module, at epoch ends, on errors and at the end of fit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
-import itertools
 import math
 import os
 import queue
@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,17 @@ from nnxfit.placement import Placement
 from nnxfit.step import Carry, Programs, StepConfig, stack
 
 PRECISIONS = ("float32", "bfloat16")
+
+
+class _Event(NamedTuple):
+    """What the hooks see of the loop, in order: an epoch start, a call, an epoch end."""
+
+    kind: str  # "start" | "call" | "end" | "interrupt"
+    epoch: int
+    n_steps: int = 0
+    n_batches: int = 0
+    snap: list | None = None  # metric sums to log, taken out of the carry (``_snapshot``)
+    barrier: bool = False  # deliver everything up to here before dispatching more
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
@@ -168,8 +179,11 @@ class Trainer:
         self.resumed_from: str | None = None
         # Seconds the loop has waited for its next batch (all fits; ThroughputMonitor).
         self.data_wait_seconds = 0.0
-        self.dispatch_epoch: int | None = None  # set while dispatching an epoch early
-        self.early_starts = 0  # epochs whose first call went out before the last epoch's end hooks
+        # What has gone out to the device; the hooks' counters above trail it by up to
+        # ``lookahead`` events when every loop callback only records (see ``_train_loop``).
+        self.dispatch_step = 0
+        self.dispatch_epoch: int | None = None
+        self.lookahead = 0
         self.cb = CallbackList([])
         self._leaves: list | None = None
         self._signal: int | None = None
@@ -251,75 +265,118 @@ class Trainer:
 
     # ========================================================================= the loop ===
     def _train_loop(self) -> None:
-        early = None  # the next epoch's calls, its first one already dispatched (see below)
-        while not self._done():
-            epoch = self.current_epoch
-            if early is None:
-                if self.batch_in_epoch == 0:
-                    self._reset_epoch_sums()
-                self._hook("on_train_epoch_start", epoch)
-                calls = self._run_calls(epoch, self.batch_in_epoch)
-            else:
-                self._hook("on_train_epoch_start", epoch)
-                calls, early = early, None
-            for n_steps, n_batches in calls:
-                self.global_step += n_steps
-                self.batch_in_epoch += n_batches
-                logs = self._fetch_logs() if self._log_due(n_steps) else {}
-                self._hook("on_train_batch_end", self.global_step, logs)
-                if self._mid_val_due(n_steps):
-                    self.logged_metrics.update(self._validate(self.val_data))
-                if self._signal is not None:
-                    self._interrupt()
-                if self.should_stop or self._steps_done():
+        # Hooks run for the events of the dispatched calls, in order. With a lookahead they
+        # trail the device by up to that many events, so that a log or epoch-end fetch finds
+        # its numbers computed while later calls keep the device busy: a fetch with an idle
+        # device behind it cost ~10 % of throughput at each epoch end of a short epoch.
+        self.lookahead = ahead = self._lookahead()
+        pending: collections.deque[_Event] = collections.deque()
+        events = self._dispatch()
+        try:
+            while True:
+                try:
+                    event = next(events, None)
+                except Exception:
+                    # The calls already on the device happened: their hooks still run, so
+                    # the counters and logs match the state, then the error goes out.
+                    self._drain(pending, 0)
+                    raise
+                if event is None:
                     break
-            else:
-                if self.batch_in_epoch == 0:
-                    raise EmptyDataError(f"train data yielded no batch in epoch {epoch}.")
-            validate = self.val_data is not None and (
-                (epoch + 1) % self.val_every_n_epochs == 0 or self._done(after_epoch=True)
-            )
-            sums = None
-            if not validate and self._can_start_early():
-                # Every epoch hook only records: take this epoch's sums out of the carry and
-                # dispatch the next epoch's first call now, so the device works through it
-                # while the host waits for the sums and runs the hooks (a sync with an idle
-                # device at every epoch end cost ~10-20 % with short epochs).
-                sums = self._detach_epoch_sums()
-                early = self._start_early(epoch + 1)
-            logs = self._epoch_logs(sums)
-            if validate:
+                pending.append(event)
+                if not self._drain(pending, 0 if event.barrier else ahead):
+                    break
+            self._drain(pending, 0)
+        finally:
+            events.close()
+
+    def _drain(self, pending: collections.deque, keep: int) -> bool:
+        """Delivers the oldest events until ``keep`` are left. False when a hook stopped the
+        fit while later calls were already on the device (``_drop_dispatched``)."""
+        while len(pending) > keep:
+            self._deliver(pending.popleft())
+            if self.should_stop and pending:
+                self._drop_dispatched(pending)
+                return False
+        return True
+
+    def _drop_dispatched(self, pending: collections.deque) -> None:
+        """A recording hook stopped the fit (NaNGuard, learning of a non-finite step a few
+        steps late) after later calls went out. Those calls changed nothing: the step froze
+        the state at the first non-finite step. Forgetting them ends the fit exactly where it
+        ends without lookahead: same counters, loader position, History and hooks."""
+        end_due = pending[0].kind != "start"  # this epoch's end is among the dropped events
+        interrupted = any(e.kind == "interrupt" for e in pending)
+        pending.clear()
+        self.dispatch_step, self.dispatch_epoch = self.global_step, self.current_epoch
+        if self._step_index is not None:  # the device's step counter follows the hooks'
+            old = self._leaves[self._step_index]
+            self._leaves[self._step_index] = jnp.full_like(old, self.global_step)
+        if end_due:
+            self._deliver(_Event("end", self.current_epoch))  # frozen steps add nothing
+        if interrupted:
+            self._interrupt()
+
+    def _lookahead(self) -> int:
+        """Events the hooks may trail the device by: none unless every callback on a loop hook
+        promises to only record (``epoch_end_barrier = False`` and ``reads_module = False``);
+        then about 8 steps' worth, plus room for an epoch's start and end."""
+        if self.val_every_n_steps is not None or self.cb.loop_barrier():
+            return 0
+        return 4 + -(-8 // self.steps_per_execution)
+
+    def _dispatch(self) -> Iterator[_Event]:
+        """Runs the programs over the epochs' batches; yields each call's event as soon as the
+        call is on the device. ``dispatch_step``/``dispatch_epoch`` count what went out; the
+        public counters move as the events are delivered."""
+        self.dispatch_step, self.dispatch_epoch = self.global_step, self.current_epoch
+        batch = self.batch_in_epoch
+        while not self._dispatch_done():
+            epoch = self.dispatch_epoch
+            yield _Event("start", epoch)
+            with contextlib.closing(self._run_calls(epoch, batch)) as calls:
+                for n_steps, n_batches in calls:
+                    self.dispatch_step += n_steps
+                    batch += n_batches
+                    snap = self._snapshot() if self._log_due(n_steps) else None
+                    yield _Event("call", epoch, n_steps, n_batches, snap)
+                    if self._signal is not None:
+                        yield _Event("interrupt", epoch, barrier=True)
+                    if self.should_stop or self._steps_done(self.dispatch_step):
+                        break
+                else:
+                    if batch == 0:
+                        raise EmptyDataError(f"train data yielded no batch in epoch {epoch}.")
+            # Validation and the last epoch end wait for every hook before anything else runs.
+            last = self.val_data is not None or self._dispatch_done(after_epoch=True)
+            yield _Event("end", epoch, snap=self._snapshot(), barrier=last)
+            self.dispatch_epoch += 1
+            batch = 0
+
+    def _deliver(self, ev: _Event) -> None:
+        if ev.kind == "start":
+            self._hook("on_train_epoch_start", ev.epoch)
+        elif ev.kind == "call":
+            self.global_step += ev.n_steps
+            self.batch_in_epoch += ev.n_batches
+            logs = self._interval_logs(ev.snap) if ev.snap is not None else {}
+            self._hook("on_train_batch_end", self.global_step, logs)
+            if self._mid_val_due(ev.n_steps):
+                self.logged_metrics.update(self._validate(self.val_data))
+        elif ev.kind == "end":
+            logs = self._epoch_logs(ev.snap)
+            every = (ev.epoch + 1) % self.val_every_n_epochs == 0
+            if self.val_data is not None and (every or self._done(after_epoch=True)):
                 logs.update(self._validate(self.val_data))
-            self._hook("on_train_epoch_end", epoch, logs)
-            self.history.append(epoch, logs)
+            self._hook("on_train_epoch_end", ev.epoch, logs)
+            self.history.append(ev.epoch, logs)
             self.current_epoch += 1
             self.batch_in_epoch = 0
-
-    def _can_start_early(self) -> bool:
-        return (
-            not self._done(after_epoch=True)
-            and self._signal is None
-            and not self.cb.epoch_barrier()
-            and not self._programs.config.features & {"finite", "lr"}
-        )
-
-    def _detach_epoch_sums(self) -> jax.Array:
-        """Swaps the carry's metric sums for zeros; the old array is no longer donated."""
-        sums = self._leaves[self._n_head]
-        self._leaves[self._n_head] = jnp.zeros_like(sums)
-        self._prev = ({}, 0.0)
-        return sums
-
-    def _start_early(self, epoch: int):
-        """Dispatches ``epoch``'s first call; returns an iterator over all its calls."""
-        calls = self._run_calls(epoch, 0)
-        self.dispatch_epoch = epoch
-        try:
-            first = next(calls, None)
-        finally:
-            self.dispatch_epoch = None
-        self.early_starts += first is not None
-        return itertools.chain([first] if first is not None else [], calls)
+            # Only now: a checkpoint written by an epoch-end hook keeps the epoch's sums, and a
+            # run resumed from it repeats this epoch end with the same logs.
+            self._epoch_acc[:] = 0.0
+        else:
+            self._interrupt()
 
     def _run_calls(self, epoch: int, start: int) -> Iterator[tuple[int, int]]:
         """Runs the jitted programs over the epoch's batches; yields (steps, batches) per call."""
@@ -356,7 +413,7 @@ class Trainer:
         own group, so each distinct shape compiles once."""
         K, A = self.steps_per_execution, self.grad_accum_steps
         spec, put = self._spec, self.placement.put_batch
-        planned = self.global_step
+        planned = self.dispatch_step
         chunk: list[list] = []
         group: list[list] = []
 
@@ -407,53 +464,55 @@ class Trainer:
 
     # ======================================================================== logging ===
     def _log_due(self, n_steps: int) -> bool:
-        n = self.log_every_n_steps
-        return self.global_step // n != (self.global_step - n_steps) // n or self._steps_done()
+        n, step = self.log_every_n_steps, self.dispatch_step
+        return step // n != (step - n_steps) // n or self._steps_done(step)
 
-    def _fetch(self, sums: jax.Array | None = None) -> tuple[dict, float, dict, dict]:
-        tail = list(self._leaves[self._n_head :])
-        if sums is not None:  # sums detached from the carry at an early epoch start
-            tail[0] = sums
-        wait_ready(tail)
-        acc, last, health = jax.device_get(jax.tree.unflatten(self._tail_def, tail))
-        sums = dict(zip(self._programs.metric_order, acc[:-1].tolist(), strict=True))
-        count = acc[-1]
+    def _snapshot(self) -> list:
+        """Takes the metric sums since the last snapshot out of the carry (zeros go in) and, when
+        later calls may be dispatched before it is read, copies of the other tail values (lr,
+        non-finite counters). The host copy starts now; ``_read`` collects it."""
+        i = self._n_head
+        tail = self._leaves[i:]
+        snap = [tail[0], *(jnp.copy(x) if self.lookahead else x for x in tail[1:])]
+        # zeros_like keeps the array's sharding on a mesh: the step sees the same signature.
+        self._leaves[i] = jnp.zeros_like(tail[0])
+        for x in snap:
+            x.copy_to_host_async()
+        return snap
+
+    def _read(self, snap: list | None) -> tuple[np.ndarray, dict]:
+        if snap is None:  # nothing to add (``_drop_dispatched``)
+            return np.zeros_like(self._epoch_acc), self._last
+        wait_ready(snap)
+        acc, last, health = jax.device_get(jax.tree.unflatten(self._tail_def, snap))
+        self._last = last
         if "finite" in self._programs.config.features:
             self.nonfinite_steps = int(health["nonfinite_steps"])
             first = int(health["first_nonfinite_step"])
             self.first_nonfinite_step = first if first >= 0 else None
-        return sums, float(count), last, health
+        return np.asarray(acc, np.float64), last
 
-    def _fetch_logs(self) -> dict[str, float]:
-        sums, count, last, _ = self._fetch()
-        prev_sums, prev_count = self._prev
-        n = count - prev_count
-        logs = {
-            k: (float(v) - prev_sums.get(k, 0.0)) / n if n > 0 else math.nan
-            for k, v in sums.items()
-        }
-        self._prev = ({k: float(v) for k, v in sums.items()}, count)
-        self._add_extras(logs, last)
+    def _interval_logs(self, snap: list) -> dict[str, float]:
+        """Means over the steps since the last log; their sums join the epoch's."""
+        acc, last = self._read(snap)
+        self._epoch_acc += acc
+        logs = self._means(acc, last)
         self.logged_metrics = dict(logs)
         return logs
 
-    def _epoch_logs(self, sums: jax.Array | None = None) -> dict[str, float]:
-        sums, count, last, _ = self._fetch(sums)
-        logs = {k: float(v) / count if count > 0 else math.nan for k, v in sums.items()}
-        self._add_extras(logs, last)
-        return logs
+    def _epoch_logs(self, snap: list | None) -> dict[str, float]:
+        acc, last = self._read(snap)
+        self._epoch_acc += acc  # cleared after the epoch-end hooks (``_deliver``)
+        return self._means(self._epoch_acc, last)
 
-    def _add_extras(self, logs: dict, last: dict) -> None:
+    def _means(self, acc: np.ndarray, last: dict) -> dict[str, float]:
+        n = acc[-1]
+        order = self._programs.metric_order
+        logs = {k: float(v / n) if n > 0 else math.nan for k, v in zip(order, acc, strict=False)}
         logs.update({k: float(v) for k, v in last.items()})
         if "finite" in self._programs.config.features:
             logs["nonfinite_steps"] = float(self.nonfinite_steps)
-
-    def _reset_epoch_sums(self) -> None:
-        acc, last, health = jax.tree.unflatten(self._tail_def, self._leaves[self._n_head :])
-        # zeros_like keeps the array's sharding on a mesh: the step sees the same signature.
-        fresh = (jnp.zeros_like(acc), last, health)
-        self._leaves[self._n_head :] = jax.tree.leaves(fresh)
-        self._prev = ({}, 0.0)
+        return logs
 
     # ===================================================================== validation ===
     def _validate(self, data: Any) -> dict[str, float]:
@@ -576,7 +635,11 @@ class Trainer:
         self._n_head = len(jax.tree.leaves(head))
         self._tail_def = jax.tree.structure((carry.acc, carry.last, carry.health))
         self._leaves = self.placement.put_carry(jax.tree.leaves(carry), programs)
-        self._prev = ({}, 0.0)
+        # f64 sums (and count) of the epoch's metrics over the intervals fetched so far; the
+        # carry's acc holds the sums since the last fetch.
+        self._epoch_acc = np.zeros(len(programs.metric_order) + 1, np.float64)
+        self._last = jax.device_get(carry.last)
+        self._step_index = self._n_head - 1 if needs_step else None
         self._sync_to_module()
 
     def _default_callbacks(self) -> list[Callback]:
@@ -651,7 +714,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "should_stop": self.should_stop,
             "history": self.history.state_dict(),
-            "prev": [self._prev[0], self._prev[1]],
+            "epoch_acc": self._epoch_acc.tolist(),
             "callbacks": self.cb.state_dicts(),
             "loader": loader_state(self.train_data, self.current_epoch, self.batch_in_epoch),
         }
@@ -662,8 +725,9 @@ class Trainer:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.should_stop = bool(state.get("should_stop", False))
         self.history.load_state_dict(state.get("history", {}))
-        prev = state.get("prev") or [{}, 0.0]
-        self._prev = ({k: float(v) for k, v in prev[0].items()}, float(prev[1]))
+        acc = state.get("epoch_acc")
+        if acc is not None and len(acc) == len(self._epoch_acc):
+            self._epoch_acc = np.asarray(acc, np.float64)
         self.cb.load_state_dicts(state.get("callbacks", {}))
         if state.get("loader") and hasattr(self.train_data, "load_state_dict"):
             self.train_data.load_state_dict(state["loader"])
@@ -698,8 +762,17 @@ class Trainer:
             raise first
 
     # ====================================================================== stopping ===
-    def _steps_done(self) -> bool:
-        return self.max_steps is not None and self.global_step >= self.max_steps
+    def _steps_done(self, step: int | None = None) -> bool:
+        step = self.global_step if step is None else step
+        return self.max_steps is not None and step >= self.max_steps
+
+    def _dispatch_done(self, after_epoch: bool = False) -> bool:
+        epoch = self.dispatch_epoch + (1 if after_epoch else 0)
+        return (
+            self.should_stop
+            or self._steps_done(self.dispatch_step)
+            or (self.max_epochs is not None and epoch >= self.max_epochs)
+        )
 
     def _mid_val_due(self, n_steps: int) -> bool:
         """``val_every_n_steps`` crossed, unless the epoch-end validation is about to run."""

@@ -339,8 +339,22 @@ def test_prefetch_gives_same_result_and_propagates_errors():
         nnxfit.Trainer(max_epochs=1, progress_bar=False, prefetch=2).fit(Classifier(), Broken())
 
 
-def test_next_epoch_starts_early_only_behind_recording_callbacks(tmp_path):
+def test_device_runs_ahead_only_of_recording_callbacks(tmp_path):
     x, y = toy_data(100)
+
+    class Lag(nnxfit.Callback):  # records only: the device may run ahead of it
+        reads_module = False
+        epoch_end_barrier = False
+
+        def __init__(self):
+            self.seen = []  # (hook, step, epoch, dispatched steps ahead of the hook)
+
+        def on_train_batch_end(self, trainer, module, step, logs):
+            self.seen.append(("batch", step, trainer.current_epoch, sorted(logs)))
+            self.lags.append(trainer.dispatch_step - step)
+
+        def on_train_epoch_end(self, trainer, module, epoch, logs):
+            self.seen.append(("epoch", trainer.global_step, epoch, sorted(logs)))
 
     class Barrier(nnxfit.Callback):  # an ordinary callback: may read or stop at epoch end
         def on_train_epoch_end(self, trainer, module, epoch, logs):
@@ -348,15 +362,24 @@ def test_next_epoch_starts_early_only_behind_recording_callbacks(tmp_path):
 
     def run(extra, workdir):
         m = Classifier(dropout=0.2, batchnorm=True)
+        lag = Lag()
+        lag.lags = []
         t = nnxfit.Trainer(
-            max_epochs=4, progress_bar=False, workdir=workdir, callbacks=extra, log_every_n_steps=3
+            max_epochs=4,
+            progress_bar=False,
+            workdir=workdir,
+            callbacks=[lag, *extra],
+            log_every_n_steps=3,
         )
         h = t.fit(m, ArrayLoader((x, y), 16, shuffle=True))
-        return m, h, t
+        return m, h, t, lag
 
-    m1, h1, t1 = run([], tmp_path / "a")  # CSVLogger only: records, so epochs start early
-    m2, h2, t2 = run([Barrier()], tmp_path / "b")
-    assert t1.early_starts == 3 and t2.early_starts == 0
+    m1, h1, t1, lag1 = run([], tmp_path / "a")  # CSVLogger and Lag only record
+    m2, h2, t2, lag2 = run([Barrier()], tmp_path / "b")
+    assert t1.lookahead > 0 and t2.lookahead == 0
+    assert max(lag1.lags) > 0 and max(lag2.lags) == 0  # the device really ran ahead
+    # ... and the hooks saw the same steps, epochs and logs, in the same order.
+    assert lag1.seen == lag2.seen and len(lag1.seen) == 28 + 4
     assert h1.history == h2.history and t1.global_step == t2.global_step == 28
     for a, b in zip(params_of(m1), params_of(m2), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -75,8 +75,10 @@ def test_stop_names_the_exact_step_though_the_host_looks_every_50_steps():
     assert "seen at step 50; steps 7-50 were not applied" in msg
     assert "parameters are those after step 6" in msg and "Training stopped" in msg
     assert len(rec) == 1 and guard.nonfinite_step == 7
-    # Stopped cleanly at the first log step, history returned for the partial epoch.
-    assert trainer.global_step == 50 and history.epoch == [0]
+    # Stopped cleanly at the first log step, history returned for the partial epoch, though
+    # the device ran ahead of the guard (it only records) and was past step 50 when it looked.
+    assert trainer.lookahead > 0
+    assert trainer.global_step == trainer.dispatch_step == 50 and history.epoch == [0]
     assert np.isfinite(history.history["loss"][0])  # the mean of steps 1-6
     # Frozen on the good state, steps 8-50 were finite: only step 7 counts.
     assert history.history["nonfinite_steps"] == [1.0]

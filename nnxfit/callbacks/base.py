@@ -30,8 +30,9 @@ class Callback:
       never saved; loggers run last so they see what others logged).
     * ``reads_module``: ``False`` promises the callback never looks at the module, so the
       Trainer need not write its on-device state back before the hook runs.
-    * ``epoch_end_barrier``: ``False`` promises the epoch hooks only record (loggers,
-      progress): the next epoch may start on the device while they run.
+    * ``epoch_end_barrier``: ``False`` promises the loop hooks (batch end, epoch start and end)
+      only record (loggers, progress): they neither read nor change the training state. When
+      every callback on those hooks promises it, the device runs a few steps ahead of them.
     * ``step_features``: names of quantities the jitted step must compute for this callback:
       ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``.
       They reach ``logs`` at the next log interval with no per-step host sync.
@@ -43,10 +44,13 @@ class Callback:
     order: int = 0
     reads_module: bool = True
     step_features: frozenset[str] = frozenset()
-    # False promises that the epoch hooks only record (logs, counters, clocks): they neither
-    # read nor change the training state nor stop the fit. When every callback with an epoch
-    # hook promises it, the Trainer dispatches the next epoch's first step before running the
-    # epoch-end hooks, so the device is not idle while they run.
+    # False promises that the loop hooks (on_train_batch_end, on_train_epoch_start/_end) only
+    # record (logs, counters, clocks): they neither read nor change the training state. When
+    # every callback on those hooks promises it (and reads_module is False), the Trainer runs
+    # the device a few steps ahead of the hooks, which then see every step in order, a little
+    # later, and a log fetch never leaves the device idle. Such a hook must not stop the fit
+    # either, unless the device has already frozen the state, as NaNGuard's step does: the
+    # calls dispatched after the stop are then forgotten, and the fit ends where it was seen.
     epoch_end_barrier: bool = True
 
     def on_fit_start(self, trainer: Trainer, module) -> None:
@@ -125,9 +129,10 @@ class CallbackList:
     def for_hook(self, hook: str) -> list[Callback]:
         return self._by_hook[hook]
 
-    def epoch_barrier(self) -> bool:
-        hooks = ("on_train_epoch_end", "on_train_epoch_start")
-        return any(c.epoch_end_barrier for h in hooks for c in self._by_hook[h])
+    def loop_barrier(self) -> bool:
+        """Whether a callback on a loop hook needs the device to wait for it."""
+        hooks = ("on_train_batch_end", "on_train_epoch_start", "on_train_epoch_end")
+        return any(c.epoch_end_barrier or c.reads_module for h in hooks for c in self._by_hook[h])
 
     def needs_module(self, hook: str) -> bool:
         return self._reads[hook]

@@ -42,6 +42,10 @@ class NaNGuard(Callback):
 
     order = -100  # before checkpoints: the fit is stopped before anything saves
     reads_module = False
+    # The device itself stops applying updates at the first non-finite step ("stop", "raise"),
+    # so this guard may learn of it a few steps late (the Trainer's lookahead) without any
+    # bad update reaching the state.
+    epoch_end_barrier = False
 
     def __init__(self, action: str = "stop"):
         if action not in ACTIONS:
