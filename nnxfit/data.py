@@ -73,11 +73,16 @@ class ArrayLoader:
 
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         """Batches of ``epoch`` from batch index ``start`` on."""
+        unflatten = self._treedef.unflatten
+        return (unflatten(leaves) for leaves in self.iter_leaves(epoch, start))
+
+    def iter_leaves(self, epoch: int, start: int = 0) -> Iterator[list]:
+        """``iter_epoch``'s batches as lists of leaves (what the Trainer feeds its programs)."""
         bs, n = self.batch_size, len(self)
         if not self.shuffle:
             for b in range(start, n):
                 sl = slice(b * bs, min((b + 1) * bs, self.num_examples))
-                yield self._treedef.unflatten([a[sl] for a in self._leaves])
+                yield [a[sl] for a in self._leaves]
             return
         idx = self.order(epoch)
         # Gather several batches at once into 64-byte-aligned buffers and hand out views:
@@ -90,7 +95,7 @@ class ArrayLoader:
             sel = idx[c0 * bs : c1 * bs]
             chunk = [_aligned_take(a, sel) for a in self._leaves]
             for b in range(c1 - c0):
-                yield self._treedef.unflatten([x[b * bs : (b + 1) * bs] for x in chunk])
+                yield [x[b * bs : (b + 1) * bs] for x in chunk]
 
     def __iter__(self) -> Iterator[Any]:
         return self.iter_epoch(self.epoch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import math
 import os
 import queue
@@ -379,33 +380,26 @@ class Trainer:
             self._interrupt()
 
     def _run_calls(self, epoch: int, start: int) -> Iterator[tuple[int, int]]:
-        """Runs the jitted programs over the epoch's batches; yields (steps, batches) per call."""
+        """Runs the jitted programs over the epoch's batches; yields (steps, batches) per call.
+        The time spent waiting for each batch adds to ``data_wait_seconds`` (host clocks)."""
         calls = self._plan_calls(epoch, start)
         if self.prefetch:
             calls = _Prefetch(calls, self.prefetch)
-        progs = self._programs
+        single, multi = self._programs.train_single, self._programs.train_multi
+        it, clock = iter(calls), time.perf_counter
         try:
-            for kind, batch, n_steps, n_batches in self._timed(calls):
-                fn = progs.train_single if kind == "single" else progs.train_multi
-                self._leaves = fn(self._leaves, batch)
+            while True:
+                t0 = clock()
+                item = next(it, None)
+                self.data_wait_seconds += clock() - t0
+                if item is None:
+                    return
+                kind, batch, n_steps, n_batches = item
+                self._leaves = (single if kind == "single" else multi)(self._leaves, batch)
                 yield n_steps, n_batches
         finally:
             if isinstance(calls, _Prefetch):
                 calls.close()
-
-    def _timed(self, calls):
-        """Yields from ``calls``, adding the time spent waiting for each to
-        ``data_wait_seconds`` (no device sync: only host clocks)."""
-        it = iter(calls)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.data_wait_seconds += time.perf_counter() - t0
-            yield item
 
     def _plan_calls(self, epoch: int, start: int):
         """Groups batches into optimizer steps (``grad_accum_steps``) and steps into calls
@@ -442,10 +436,24 @@ class Trainer:
                 chunk = []
                 yield out
 
-        batches = epoch_batches(self.train_data, epoch, start, self.limit_train_batches)
         # An ArrayLoader's batches are slices of arrays checked once at construction: only
-        # their batch size can change, so the per-batch structure check is skipped for them.
-        check = _leaves_of if isinstance(self.train_data, ArrayLoader) else spec.check
+        # their batch size can change, so they come as leaves, with no per-batch check.
+        data, limit = self.train_data, self.limit_train_batches
+        if isinstance(data, ArrayLoader):
+            batches = data.iter_leaves(epoch, start)
+            if limit is not None:
+                batches = itertools.islice(batches, max(0, limit - start))
+            check = _as_leaves
+        else:
+            batches = epoch_batches(data, epoch, start, limit)
+            check = spec.check
+        if K == 1 and A == 1:  # one batch per call: the common case, kept lean
+            for i, batch in enumerate(batches, start):
+                if self.max_steps is not None and planned >= self.max_steps:
+                    return
+                planned += 1
+                yield "single", put(check(batch, i)), 1, 1
+            return
         for i, batch in enumerate(batches, start):
             leaves = check(batch, i)
             if group and leaves[0].shape[0] != group[0][0].shape[0]:
@@ -473,9 +481,12 @@ class Trainer:
         non-finite counters). The host copy starts now; ``_read`` collects it."""
         i = self._n_head
         tail = self._leaves[i:]
-        snap = [tail[0], *(jnp.copy(x) if self.lookahead else x for x in tail[1:])]
-        # zeros_like keeps the array's sharding on a mesh: the step sees the same signature.
-        self._leaves[i] = jnp.zeros_like(tail[0])
+        if self.lookahead:
+            zeros, rest = self._fresh_copy(tail[0], tail[1:])
+        else:  # read before the next call: no copies needed
+            zeros, rest = self._fresh(tail[0]), tail[1:]
+        snap = [tail[0], *rest]
+        self._leaves[i] = zeros
         for x in snap:
             x.copy_to_host_async()
         return snap
@@ -640,6 +651,15 @@ class Trainer:
         self._epoch_acc = np.zeros(len(programs.metric_order) + 1, np.float64)
         self._last = jax.device_get(carry.last)
         self._step_index = self._n_head - 1 if needs_step else None
+        # Jitted (4 us a call) rather than eager (20-50 us): they run at every log step. On a
+        # mesh their outputs keep the carry's shardings, so the step sees the same signature.
+        tail = self._leaves[self._n_head :]
+        zs = cs = {}
+        if self.placement.is_sharded:
+            zs = {"out_shardings": tail[0].sharding}
+            cs = {"out_shardings": (tail[0].sharding, [x.sharding for x in tail[1:]])}
+        self._fresh = jax.jit(jnp.zeros_like, **zs)
+        self._fresh_copy = jax.jit(_zeros_and_copies, **cs)
         self._sync_to_module()
 
     def _default_callbacks(self) -> list[Callback]:
@@ -838,8 +858,14 @@ class Trainer:
         return first_batch(data, where)
 
 
-def _leaves_of(batch: Any, index: int) -> list:
-    return jax.tree.leaves(batch)
+def _zeros_and_copies(acc: jax.Array, rest: list) -> tuple[jax.Array, list]:
+    # ``x + 0`` rather than ``x``: jit would hand back the input itself, which the next call
+    # then donates.
+    return jnp.zeros_like(acc), [x + jnp.zeros_like(x) for x in rest]
+
+
+def _as_leaves(leaves: list, index: int) -> list:
+    return leaves
 
 
 def wait_ready(arrays: list) -> None:
