@@ -97,6 +97,34 @@ class ArrayLoader:
             for b in range(c1 - c0):
                 yield [x[b * bs : (b + 1) * bs] for x in chunk]
 
+    def iter_runs(
+        self, epoch: int, start: int, k: int, stop: int | None = None
+    ) -> Iterator[tuple[list, int]]:
+        """The batches of ``epoch`` from ``start`` (up to ``stop``) as ``(leaves, m)``: runs of
+        up to ``k`` consecutive full batches, each leaf of shape ``(m, batch_size, ...)``, then
+        the short last batch as a run of one. The runs are views of one gathered buffer, so
+        the Trainer's ``steps_per_execution`` stacks cost no copy."""
+        bs = self.batch_size
+        n = len(self) if stop is None else min(len(self), stop)
+        full = min(n, self.num_examples // bs)
+        idx = self.order(epoch) if self.shuffle else None
+        row_bytes = sum(a[:1].nbytes for a in self._leaves) or 1
+        per_chunk = max(1, (1 << 20) // (row_bytes * bs * k)) * k  # whole runs per gather
+
+        def rows(r0: int, r1: int) -> list:
+            if idx is None:
+                return [a[r0:r1] for a in self._leaves]
+            return [_aligned_take(a, idx[r0:r1]) for a in self._leaves]
+
+        for c0 in range(start, full, per_chunk):
+            c1 = min(full, c0 + per_chunk)
+            chunk = rows(c0 * bs, c1 * bs)
+            for r in range(0, c1 - c0, k):
+                m = min(k, c1 - c0 - r)
+                yield [x[r * bs : (r + m) * bs].reshape(m, bs, *x.shape[1:]) for x in chunk], m
+        if full < n and start <= full:  # the short last batch
+            yield [x[None] for x in rows(full * bs, self.num_examples)], 1
+
     def __iter__(self) -> Iterator[Any]:
         return self.iter_epoch(self.epoch)
 

@@ -447,6 +447,21 @@ class Trainer:
         else:
             batches = epoch_batches(data, epoch, start, limit)
             check = spec.check
+        if K > 1 and A == 1 and isinstance(data, ArrayLoader):
+            # Runs of K batches come stacked from the loader's gather buffer (no copy).
+            for leaves, m in data.iter_runs(epoch, start, K, limit):
+                if self.max_steps is not None:
+                    if planned >= self.max_steps:
+                        return
+                    if m > self.max_steps - planned:
+                        m = self.max_steps - planned
+                        leaves = [x[:m] for x in leaves]
+                planned += m
+                if m == 1:
+                    yield "single", put([x[0] for x in leaves]), 1, 1
+                else:
+                    yield "multi", put(leaves, 1), m, m
+            return
         if K == 1 and A == 1:  # one batch per call: the common case, kept lean
             for i, batch in enumerate(batches, start):
                 if self.max_steps is not None and planned >= self.max_steps:

@@ -385,3 +385,32 @@ def test_device_runs_ahead_only_of_recording_callbacks(tmp_path):
         np.testing.assert_array_equal(a, b)
     rows1 = (tmp_path / "a" / "metrics.csv").read_text()
     assert rows1 == (tmp_path / "b" / "metrics.csv").read_text()
+
+
+def test_signal_while_the_device_runs_ahead_stops_where_every_hook_has_run():
+    import os
+    import signal
+
+    x, y = toy_data(100)
+
+    class SignalAt(nnxfit.Callback):  # records only, so the device runs ahead of it
+        reads_module = False
+        epoch_end_barrier = False
+
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, module, step, logs):
+            self.steps.append(step)
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cb = SignalAt()
+    t = nnxfit.Trainer(max_epochs=5, progress_bar=False, callbacks=[cb])
+    with pytest.raises(nnxfit.TrainingInterrupted) as err:
+        t.fit(Classifier(), ArrayLoader((x, y), 16))
+    assert t.lookahead > 0
+    # The calls already dispatched when the signal came all had their hooks, in order, and
+    # the interruption names the step the device state is at.
+    assert err.value.step == t.global_step == t.dispatch_step > 3
+    assert cb.steps == list(range(1, t.global_step + 1))

@@ -226,3 +226,24 @@ def test_val_every_n_steps_with_steps_per_execution():
 def test_run_options_out_of_range(kw):
     with pytest.raises(nnxfit.ConfigError, match=next(iter(kw))):
         nnxfit.Trainer(max_epochs=1, **kw)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_array_loader_runs_are_the_batches_stacked_without_copies(shuffle, drop_last):
+    """``iter_runs`` (what steps_per_execution feeds on) yields exactly ``iter_leaves``'s
+    batches, in runs of at most k counted from ``start``, up to ``stop``; stacks are views."""
+    x = np.arange(100 * 3, dtype=np.float32).reshape(100, 3)
+    loader = ArrayLoader((x, np.arange(100)), 16, shuffle=shuffle, seed=1, drop_last=drop_last)
+    for k, start, stop in [(3, 0, None), (4, 1, None), (32, 2, 5), (2, 6, None), (5, 7, None)]:
+        n = len(loader) if stop is None else stop
+        want = list(loader.iter_leaves(4, start))[: n - start]
+        runs = list(loader.iter_runs(4, start, k, stop))
+        got = [[leaf[j] for leaf in leaves] for leaves, m in runs for j in range(m)]
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            for u, v in zip(a, b, strict=True):
+                np.testing.assert_array_equal(u, v)
+        full = [m for leaves, m in runs if leaves[0].shape[1] == 16]
+        assert all(m == k for m in full[:-1]) and all(m <= k for m in full)
+        assert all(leaves[0].base is not None for leaves, _ in runs)  # views, not copies
