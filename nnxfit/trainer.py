@@ -266,10 +266,12 @@ class Trainer:
 
     # ========================================================================= the loop ===
     def _train_loop(self) -> None:
-        # Hooks run for the events of the dispatched calls, in order. With a lookahead they
-        # trail the device by up to that many events, so that a log or epoch-end fetch finds
-        # its numbers computed while later calls keep the device busy: a fetch with an idle
-        # device behind it cost ~10 % of throughput at each epoch end of a short epoch.
+        # Hooks run for the events of the dispatched calls, in order, up to ``lookahead``
+        # events behind the device, so that a log or epoch-end fetch finds its numbers
+        # computed while later calls keep the device busy (a fetch with an idle device behind
+        # it cost ~10 % of throughput at each epoch end of a short epoch). A barrier event,
+        # one a callback needs in step with the device, is delivered before anything more
+        # is dispatched.
         self.lookahead = ahead = self._lookahead()
         pending: collections.deque[_Event] = collections.deque()
         events = self._dispatch()
@@ -319,12 +321,19 @@ class Trainer:
             self._interrupt()
 
     def _lookahead(self) -> int:
-        """Events the hooks may trail the device by: none unless every callback on a loop hook
-        promises to only record (``epoch_end_barrier = False`` and ``reads_module = False``);
-        then about 8 steps' worth, plus room for an epoch's start and end."""
-        if self.val_every_n_steps is not None or self.cb.loop_barrier():
+        """Events the hooks may trail the device by: about 8 steps' worth, plus room for an
+        epoch's start and end. Events that a callback needs in step are barriers (``_sync``)."""
+        if self.val_every_n_steps is not None:
             return 0
         return 4 + -(-8 // self.steps_per_execution)
+
+    def _sync(self, hook: str, event: str, n_steps: int = 0) -> bool:
+        """Whether a callback on ``hook`` needs this event in step with the device: callbacks
+        that only record never do; others say so in ``needs_sync`` (by default, always)."""
+        cbs = self.cb.syncing(hook)
+        return bool(cbs) and any(
+            c.needs_sync(self, event, self.dispatch_step, n_steps) for c in cbs
+        )
 
     def _dispatch(self) -> Iterator[_Event]:
         """Runs the programs over the epochs' batches; yields each call's event as soon as the
@@ -334,13 +343,14 @@ class Trainer:
         batch = self.batch_in_epoch
         while not self._dispatch_done():
             epoch = self.dispatch_epoch
-            yield _Event("start", epoch)
+            yield _Event("start", epoch, barrier=self._sync("on_train_epoch_start", "epoch_start"))
             with contextlib.closing(self._run_calls(epoch, batch)) as calls:
                 for n_steps, n_batches in calls:
                     self.dispatch_step += n_steps
                     batch += n_batches
                     snap = self._snapshot() if self._log_due(n_steps) else None
-                    yield _Event("call", epoch, n_steps, n_batches, snap)
+                    sync = self._sync("on_train_batch_end", "batch", n_steps)
+                    yield _Event("call", epoch, n_steps, n_batches, snap, sync)
                     if self._signal is not None:
                         yield _Event("interrupt", epoch, barrier=True)
                     if self.should_stop or self._steps_done(self.dispatch_step):
@@ -349,8 +359,9 @@ class Trainer:
                     if batch == 0:
                         raise EmptyDataError(f"train data yielded no batch in epoch {epoch}.")
             # Validation and the last epoch end wait for every hook before anything else runs.
-            last = self.val_data is not None or self._dispatch_done(after_epoch=True)
-            yield _Event("end", epoch, snap=self._snapshot(), barrier=last)
+            sync = self.val_data is not None or self._dispatch_done(after_epoch=True)
+            sync = sync or self._sync("on_train_epoch_end", "epoch_end")
+            yield _Event("end", epoch, snap=self._snapshot(), barrier=sync)
             self.dispatch_epoch += 1
             batch = 0
 

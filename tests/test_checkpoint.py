@@ -295,3 +295,34 @@ def test_fast_dev_run_writes_no_checkpoint(tmp_path):
         warnings.simplefilter("error", ResumeWarning)
         trainer.fit(child.make_module(), child.train_data())
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_step_saves_hold_the_state_of_their_step_while_the_device_runs_ahead(tmp_path):
+    """ModelCheckpoint(every_n_steps) needs the device in step only at its save steps: in
+    between, the device runs ahead of the hooks, and each checkpoint still holds exactly the
+    state after its step."""
+    x, y = toy_data(96)
+    data = nnxfit.data.ArrayLoader((x, y), 8, shuffle=True)  # 12 steps per epoch
+
+    class Lag(nnxfit.Callback):
+        reads_module = False
+        epoch_end_barrier = False
+        lags: dict = {}
+
+        def on_train_batch_end(self, trainer, module, step, logs):
+            self.lags[step] = trainer.dispatch_step - step
+
+    ckpt = ModelCheckpoint(every_n_steps=5, save_top_k=-1)
+    trainer = nnxfit.Trainer(
+        max_epochs=2, progress_bar=False, workdir=tmp_path, callbacks=[ckpt, Lag()]
+    )
+    trainer.fit(Classifier(dropout=0.2), data)
+    assert max(Lag.lags.values()) > 0
+    assert [Lag.lags[s] for s in (5, 10, 15, 20)] == [0, 0, 0, 0]
+
+    # A fit of exactly 15 steps ends in the state the checkpoint of step 15 holds.
+    ref = Classifier(dropout=0.2)
+    nnxfit.Trainer(max_steps=15, progress_bar=False).fit(ref, data)
+    saved = Classifier(dropout=0.2)
+    load_checkpoint(saved, tmp_path / "checkpoints", which=15)
+    assert_bitwise(host(saved), host(ref))

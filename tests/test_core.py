@@ -339,7 +339,7 @@ def test_prefetch_gives_same_result_and_propagates_errors():
         nnxfit.Trainer(max_epochs=1, progress_bar=False, prefetch=2).fit(Classifier(), Broken())
 
 
-def test_device_runs_ahead_only_of_recording_callbacks(tmp_path):
+def test_device_runs_ahead_of_recording_hooks_and_waits_for_the_others(tmp_path):
     x, y = toy_data(100)
 
     class Lag(nnxfit.Callback):  # records only: the device may run ahead of it
@@ -347,7 +347,7 @@ def test_device_runs_ahead_only_of_recording_callbacks(tmp_path):
         epoch_end_barrier = False
 
         def __init__(self):
-            self.seen = []  # (hook, step, epoch, dispatched steps ahead of the hook)
+            self.seen, self.lags = [], []  # what the hooks saw; dispatched steps ahead of them
 
         def on_train_batch_end(self, trainer, module, step, logs):
             self.seen.append(("batch", step, trainer.current_epoch, sorted(logs)))
@@ -356,14 +356,25 @@ def test_device_runs_ahead_only_of_recording_callbacks(tmp_path):
         def on_train_epoch_end(self, trainer, module, epoch, logs):
             self.seen.append(("epoch", trainer.global_step, epoch, sorted(logs)))
 
-    class Barrier(nnxfit.Callback):  # an ordinary callback: may read or stop at epoch end
+    class EpochBarrier(nnxfit.Callback):  # an ordinary callback: may read or stop at epoch end
         def on_train_epoch_end(self, trainer, module, epoch, logs):
-            pass
+            self.lags.append(trainer.dispatch_step - trainer.global_step)
+
+    class EveryThird(nnxfit.Callback):  # needs the device in step at steps 3, 6, ... only
+        reads_module = False
+
+        def needs_sync(self, trainer, event, step, n_steps):
+            return event == "batch" and step % 3 == 0
+
+        def on_train_batch_end(self, trainer, module, step, logs):
+            if step % 3 == 0:
+                self.lags.append(trainer.dispatch_step - step)
 
     def run(extra, workdir):
         m = Classifier(dropout=0.2, batchnorm=True)
         lag = Lag()
-        lag.lags = []
+        for cb in extra:
+            cb.lags = []
         t = nnxfit.Trainer(
             max_epochs=4,
             progress_bar=False,
@@ -374,17 +385,24 @@ def test_device_runs_ahead_only_of_recording_callbacks(tmp_path):
         h = t.fit(m, ArrayLoader((x, y), 16, shuffle=True))
         return m, h, t, lag
 
-    m1, h1, t1, lag1 = run([], tmp_path / "a")  # CSVLogger and Lag only record
-    m2, h2, t2, lag2 = run([Barrier()], tmp_path / "b")
-    assert t1.lookahead > 0 and t2.lookahead == 0
-    assert max(lag1.lags) > 0 and max(lag2.lags) == 0  # the device really ran ahead
+    runs = [
+        run([], tmp_path / "a"),  # CSVLogger and Lag only record
+        run([barrier := EpochBarrier()], tmp_path / "b"),
+        run([third := EveryThird()], tmp_path / "c"),
+    ]
+    (m1, h1, t1, lag1), (m2, h2, t2, lag2), (m3, h3, t3, lag3) = runs
+    assert t1.lookahead > 0 and max(lag1.lags) > 0  # the device really ran ahead
+    assert max(lag2.lags) > 0 and barrier.lags == [0, 0, 0, 0]  # ... but not past its hooks
+    assert max(lag3.lags) > 0 and third.lags == [0] * 9
     # ... and the hooks saw the same steps, epochs and logs, in the same order.
-    assert lag1.seen == lag2.seen and len(lag1.seen) == 28 + 4
-    assert h1.history == h2.history and t1.global_step == t2.global_step == 28
-    for a, b in zip(params_of(m1), params_of(m2), strict=True):
+    assert lag1.seen == lag2.seen == lag3.seen and len(lag1.seen) == 28 + 4
+    assert h1.history == h2.history == h3.history and t1.global_step == 28
+    for a, b, c in zip(params_of(m1), params_of(m2), params_of(m3), strict=True):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
     rows1 = (tmp_path / "a" / "metrics.csv").read_text()
     assert rows1 == (tmp_path / "b" / "metrics.csv").read_text()
+    assert rows1 == (tmp_path / "c" / "metrics.csv").read_text()
 
 
 def test_signal_while_the_device_runs_ahead_stops_where_every_hook_has_run():

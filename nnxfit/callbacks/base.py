@@ -84,6 +84,15 @@ class Callback:
     def on_exception(self, trainer: Trainer, module, error: BaseException) -> None:
         pass
 
+    def needs_sync(self, trainer: Trainer, event: str, step: int, n_steps: int) -> bool:
+        """Whether the hook for ``event`` must see the device in step with it: nothing
+        dispatched past the call that ends at ``step`` (``n_steps`` steps long). ``event`` is
+        ``"batch"``, ``"epoch_start"`` or ``"epoch_end"``. Asked at dispatch time, and only of
+        callbacks on that hook that do not promise to record only (``epoch_end_barrier``).
+        The default, always, is safe; narrow it to let the device run ahead in between (as
+        ``ModelCheckpoint`` does for the steps it does not save at)."""
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -119,6 +128,10 @@ class CallbackList:
         self._by_hook = {h: [c for c in self.callbacks if overrides(c, h)] for h in HOOKS}
         # Looked up on every call of a hook: computed once, not per step.
         self._reads = {h: any(c.reads_module for c in cbs) for h, cbs in self._by_hook.items()}
+        self._syncing = {
+            h: [c for c in cbs if c.epoch_end_barrier or c.reads_module]
+            for h, cbs in self._by_hook.items()
+        }
 
     def __iter__(self):
         return iter(self.callbacks)
@@ -129,10 +142,10 @@ class CallbackList:
     def for_hook(self, hook: str) -> list[Callback]:
         return self._by_hook[hook]
 
-    def loop_barrier(self) -> bool:
-        """Whether a callback on a loop hook needs the device to wait for it."""
-        hooks = ("on_train_batch_end", "on_train_epoch_start", "on_train_epoch_end")
-        return any(c.epoch_end_barrier or c.reads_module for h in hooks for c in self._by_hook[h])
+    def syncing(self, hook: str) -> list[Callback]:
+        """The callbacks on ``hook`` that do not promise to only record: the Trainer asks them
+        ``needs_sync`` before it dispatches past one of their hooks."""
+        return self._syncing[hook]
 
     def needs_module(self, hook: str) -> bool:
         return self._reads[hook]

@@ -180,6 +180,13 @@ class ModelCheckpoint(Callback):
                 f"ModelCheckpoint cannot use {directory}: {e}. Pass a writable Trainer workdir."
             ) from e
 
+    def needs_sync(self, trainer, event: str, step: int, n_steps: int) -> bool:
+        if event == "epoch_start":  # a save due at the last epoch end is written here
+            return True
+        n = self.every_n_steps
+        # Elsewhere only a step save reads the state; the device may run ahead of the rest.
+        return event == "batch" and n is not None and step // n != (step - n_steps) // n
+
     def on_train_batch_end(self, trainer, module, step: int, logs: dict) -> None:
         if self._manager is None:
             return
