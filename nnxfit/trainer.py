@@ -4,6 +4,10 @@ The loop owns the module's state as a flat list of device arrays (``self._leaves
 whole fit and hands it to donated jitted programs (``step.py``). The module object is
 written back only when someone may look at it: before a hook of a callback that reads the
 module, at epoch ends, on errors and at the end of fit.
+
+The loop is two halves (``_train_loop``): ``_dispatch`` sends the calls and yields an event
+per epoch start, call and epoch end; the hooks get those events in order, a few behind the
+device, except the events a callback needs in step with it (``Callback.needs_sync``).
 """
 
 from __future__ import annotations
@@ -181,7 +185,7 @@ class Trainer:
         # Seconds the loop has waited for its next batch (all fits; ThroughputMonitor).
         self.data_wait_seconds = 0.0
         # What has gone out to the device; the hooks' counters above trail it by up to
-        # ``lookahead`` events when every loop callback only records (see ``_train_loop``).
+        # ``lookahead`` events, except where a callback needs them in step (``_train_loop``).
         self.dispatch_step = 0
         self.dispatch_epoch: int | None = None
         self.lookahead = 0

@@ -31,8 +31,9 @@ class Callback:
     * ``reads_module``: ``False`` promises the callback never looks at the module, so the
       Trainer need not write its on-device state back before the hook runs.
     * ``epoch_end_barrier``: ``False`` promises the loop hooks (batch end, epoch start and end)
-      only record (loggers, progress): they neither read nor change the training state. When
-      every callback on those hooks promises it, the device runs a few steps ahead of them.
+      only record (loggers, progress): they neither read nor change the training state, so
+      the device may run a few steps ahead of them. Other callbacks are asked ``needs_sync``
+      before each of their hooks' events.
     * ``step_features``: names of quantities the jitted step must compute for this callback:
       ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``.
       They reach ``logs`` at the next log interval with no per-step host sync.
@@ -44,13 +45,13 @@ class Callback:
     order: int = 0
     reads_module: bool = True
     step_features: frozenset[str] = frozenset()
-    # False promises that the loop hooks (on_train_batch_end, on_train_epoch_start/_end) only
-    # record (logs, counters, clocks): they neither read nor change the training state. When
-    # every callback on those hooks promises it (and reads_module is False), the Trainer runs
-    # the device a few steps ahead of the hooks, which then see every step in order, a little
-    # later, and a log fetch never leaves the device idle. Such a hook must not stop the fit
-    # either, unless the device has already frozen the state, as NaNGuard's step does: the
-    # calls dispatched after the stop are then forgotten, and the fit ends where it was seen.
+    # False (with reads_module False) promises that the loop hooks (on_train_batch_end,
+    # on_train_epoch_start/_end) only record (logs, counters, clocks): they neither read nor
+    # change the training state, and the Trainer never waits for the device before them: they
+    # see every step in order, a little later, and a log fetch never leaves the device idle.
+    # Such a hook must not stop the fit either, unless the device has already frozen the
+    # state, as NaNGuard's step does: the calls dispatched after the stop are then forgotten,
+    # and the fit ends where it was seen.
     epoch_end_barrier: bool = True
 
     def on_fit_start(self, trainer: Trainer, module) -> None:
