@@ -23,6 +23,7 @@ from nnxfit.errors import StepOutputError
 FEATURES = frozenset(
     {"grad_norm", "module_grad_norms", "finite", "skip_nonfinite", "halt_on_nonfinite", "lr"}
 )
+GATES = frozenset({"skip_nonfinite", "halt_on_nonfinite"})  # features that gate the update
 
 
 class Carry(NamedTuple):
@@ -47,6 +48,9 @@ class StepConfig:
     precision: str = "float32"
     features: frozenset = field(default_factory=frozenset)
     lr_fn: Callable | None = None  # schedule(step) -> lr, when the lr is not in the opt state
+    # K-step programs with a non-finite gate run the K steps ungated first and redo them gated
+    # only if one was not finite (``Programs._multi``); costs a second copy of the state.
+    speculate: bool = False
 
 
 def split_loss(out: Any) -> tuple[jax.Array, dict]:
@@ -203,7 +207,7 @@ class Programs:
                 total = total + jnp.vdot(x, x)
         return jnp.sqrt(total)
 
-    def one_step(self, c: Carry, batch) -> Carry:
+    def one_step(self, c: Carry, batch, gate: str | None = "cond") -> Carry:
         cfg, feats = self.config, self.config.features
         loss, metrics, rest, g = self.grads(c.params, c.rest, batch)
         step_logs = {"loss": loss, **metrics}
@@ -234,11 +238,15 @@ class Programs:
             ok = finite
             if "halt_on_nonfinite" in feats:
                 ok = finite & (health["first_nonfinite_step"] < 0)
-        if feats & {"skip_nonfinite", "halt_on_nonfinite"}:
+        if gate == "cond" and feats & GATES:
             # Decide before updating: selecting between the updated and the old state after
             # the update cost 2.1x the step time of a small MLP with optax.adam on CPU, a cond
             # around the update 1.05x (with inject_hyperparams(adam), ~2x either way).
             params, opt, rest = jax.lax.cond(ok, update, lambda t: t[:3], state)
+        elif gate == "select" and feats & GATES:
+            # Slower, but the update compiles as in the ungated step: the same bits.
+            new = update(state)
+            params, opt, rest = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state[:3])
         else:
             params, opt, rest = update(state)
         if "finite" in feats:
@@ -272,8 +280,22 @@ class Programs:
         if self.on_trace is not None:
             self.on_trace("multi", batches)
         c = jax.tree.unflatten(self.treedef, leaves)
-        c, _ = jax.lax.scan(lambda c, b: (self.one_step(c, b), None), c, batches)
-        return jax.tree.leaves(c)
+
+        def run(c, gate="cond"):
+            return jax.lax.scan(lambda c, b: (self.one_step(c, b, gate), None), c, batches)[0]
+
+        if not (self.config.speculate and self.config.features & GATES):
+            return jax.tree.leaves(run(c))
+        # Gating each update on the whole gradient being finite keeps the update from
+        # overlapping the backward pass: +17-22 % on a small MLP's scan on 2 CPU cores. So the
+        # K steps run ungated, and only a call in which a step was not finite is redone from
+        # its start, gated by selects, which leave the update's arithmetic as in the ungated
+        # steps: +7 %, and the same bits as a run that gates every step that way.
+        fast = run(c, gate=None)
+        clean = fast.health["nonfinite_steps"] == c.health["nonfinite_steps"]
+        if "halt_on_nonfinite" in self.config.features:
+            clean = clean & (c.health["first_nonfinite_step"] < 0)
+        return jax.tree.leaves(jax.lax.cond(clean, lambda c: fast, lambda c: run(c, "select"), c))
 
     def metric_names(self, carry_shapes: Carry, batch_shapes) -> list[str]:
         """Names ``training_step`` logs, found by tracing (never by running it eagerly)."""

@@ -49,6 +49,9 @@ from nnxfit.placement import Placement
 from nnxfit.step import Carry, Programs, StepConfig, stack
 
 PRECISIONS = ("float32", "bfloat16")
+# Up to this much state (params, other variables, optimizer), a K-step program with NaNGuard
+# keeps a copy to redo a call gated (``StepConfig.speculate``); above it, it gates each step.
+SPECULATE_MAX_BYTES = 1 << 30
 
 
 class _Event(NamedTuple):
@@ -645,7 +648,9 @@ class Trainer:
         opt = self.placement.init_optimizer(tx, params)  # mirrors the params' shardings
 
         features = self.cb.step_features()
-        config = StepConfig(A, self.grad_clip_norm, self.precision, features, lr_fn)
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, rest, opt)))
+        speculate = self.steps_per_execution > 1 and state_bytes <= SPECULATE_MAX_BYTES
+        config = StepConfig(A, self.grad_clip_norm, self.precision, features, lr_fn, speculate)
         # The device counts steps only for features that need the count in the step.
         needs_step = "finite" in features or ("lr" in features and lr_fn is not None)
         head = (params, rest, opt, jnp.zeros((), jnp.int32) if needs_step else None)
