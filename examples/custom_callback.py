@@ -38,6 +38,9 @@ class LossEMA(nnxfit.Callback):
     """Exponential moving average of the training loss, logged per epoch as ``loss_ema``."""
 
     reads_module = False  # never looks at the module: the Trainer need not sync it for us
+    # Its hooks only record (the EMA, a log key): the device may run a few steps ahead of them.
+    # Leave it True for a callback that changes the training or stops it.
+    epoch_end_barrier = False
 
     def __init__(self, decay: float = 0.9):
         self.decay = decay
