@@ -78,24 +78,10 @@ class ArrayLoader:
 
     def iter_leaves(self, epoch: int, start: int = 0) -> Iterator[list]:
         """``iter_epoch``'s batches as lists of leaves (what the Trainer feeds its programs)."""
-        bs, n = self.batch_size, len(self)
-        if not self.shuffle:
-            for b in range(start, n):
-                sl = slice(b * bs, min((b + 1) * bs, self.num_examples))
-                yield [a[sl] for a in self._leaves]
-            return
-        idx = self.order(epoch)
-        # Gather several batches at once into 64-byte-aligned buffers and hand out views:
-        # one numpy call per chunk instead of per batch, and aligned host buffers are what
-        # XLA:CPU can take without another copy (a per-batch gather cost ~10 % of a step).
-        row_bytes = sum(a[:1].nbytes for a in self._leaves) or 1
-        per_chunk = max(1, (1 << 20) // (row_bytes * bs))
-        for c0 in range(start, n, per_chunk):
-            c1 = min(n, c0 + per_chunk)
-            sel = idx[c0 * bs : c1 * bs]
-            chunk = [_aligned_take(a, sel) for a in self._leaves]
-            for b in range(c1 - c0):
-                yield [x[b * bs : (b + 1) * bs] for x in chunk]
+        bs, order = self.batch_size, self.order(epoch) if self.shuffle else None
+        for chunk in self._chunks(order, start, len(self), 1):
+            for r in range(0, len(chunk[0]), bs):
+                yield [x[r : r + bs] for x in chunk]
 
     def iter_runs(
         self, epoch: int, start: int, k: int, stop: int | None = None
@@ -104,26 +90,33 @@ class ArrayLoader:
         up to ``k`` consecutive full batches, each leaf of shape ``(m, batch_size, ...)``, then
         the short last batch as a run of one. The runs are views of one gathered buffer, so
         the Trainer's ``steps_per_execution`` stacks cost no copy."""
-        bs = self.batch_size
+        bs, order = self.batch_size, self.order(epoch) if self.shuffle else None
         n = len(self) if stop is None else min(len(self), stop)
         full = min(n, self.num_examples // bs)
-        idx = self.order(epoch) if self.shuffle else None
-        row_bytes = sum(a[:1].nbytes for a in self._leaves) or 1
-        per_chunk = max(1, (1 << 20) // (row_bytes * bs * k)) * k  # whole runs per gather
-
-        def rows(r0: int, r1: int) -> list:
-            if idx is None:
-                return [a[r0:r1] for a in self._leaves]
-            return [_aligned_take(a, idx[r0:r1]) for a in self._leaves]
-
-        for c0 in range(start, full, per_chunk):
-            c1 = min(full, c0 + per_chunk)
-            chunk = rows(c0 * bs, c1 * bs)
-            for r in range(0, c1 - c0, k):
-                m = min(k, c1 - c0 - r)
-                yield [x[r * bs : (r + m) * bs].reshape(m, bs, *x.shape[1:]) for x in chunk], m
+        for chunk in self._chunks(order, start, full, k):
+            rows = len(chunk[0])
+            for r in range(0, rows, k * bs):
+                m = min(k * bs, rows - r) // bs
+                yield [x[r : r + m * bs].reshape(m, bs, *x.shape[1:]) for x in chunk], m
         if full < n and start <= full:  # the short last batch
-            yield [x[None] for x in rows(full * bs, self.num_examples)], 1
+            for chunk in self._chunks(order, full, n, 1):
+                yield [x[None] for x in chunk], 1
+
+    def _chunks(self, order: np.ndarray | None, start: int, stop: int, k: int) -> Iterator[list]:
+        """The rows of batches ``start`` to ``stop`` in ``order``, gathered a chunk of whole
+        runs of ``k`` batches (about 1 MiB) at a time into 64-byte-aligned buffers: one numpy
+        call per chunk instead of per batch, and aligned host buffers are what XLA:CPU takes
+        without another copy (a per-batch gather cost ~10 % of a step). Without an order (no
+        shuffle) the chunks are views of the arrays."""
+        bs = self.batch_size
+        row_bytes = sum(a[:1].nbytes for a in self._leaves) or 1
+        per_chunk = max(1, (1 << 20) // (row_bytes * bs * k)) * k
+        for c0 in range(start, stop, per_chunk):
+            r0, r1 = c0 * bs, min(min(stop, c0 + per_chunk) * bs, self.num_examples)
+            if order is None:
+                yield [a[r0:r1] for a in self._leaves]
+            else:
+                yield [_aligned_take(a, order[r0:r1]) for a in self._leaves]
 
     def __iter__(self) -> Iterator[Any]:
         return self.iter_epoch(self.epoch)
