@@ -270,6 +270,23 @@ class Stopwatch(nnxfit.Callback):
         return (self.s1 - self.s0) / (self.t1 - self.t0)
 
 
+def _timed_fit(x, y, *, batch, spe, callbacks, defaults, trainer_kwargs, **limits) -> float:
+    """Seconds of one quiet ``Trainer.fit`` of a fresh ``DigitsModule``, compile included, until
+    the device is done. ``limits``: ``max_epochs`` / ``max_steps``; ``hidden`` for the module."""
+    module = DigitsModule(limits.pop("hidden"))
+    with tempfile.TemporaryDirectory() as d:
+        kw = default_callback_kwargs(d)[0] if defaults else {"progress_bar": False}
+        kw.update(trainer_kwargs or {})
+        tr = nnxfit.Trainer(steps_per_execution=spe, callbacks=callbacks, **limits, **kw)
+        loader = ArrayLoader((x, y), batch_size=batch, shuffle=True, seed=0)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GradNormMonitor's range warnings
+            t = time.perf_counter()
+            tr.fit(module, loader)
+            jax.block_until_ready(nnx.state(module))
+            return time.perf_counter() - t
+
+
 def nnxfit_steady_rate(
     x,
     y,
@@ -286,20 +303,11 @@ def nnxfit_steady_rate(
     """Steps/s of ``Trainer.fit`` in steady state: one warm-up epoch, then at least ``steps``
     steps in whole epochs (so no tail program compiles inside the timed window). With
     ``window=True``, returns ``(rate, first_step, last_step, seconds)`` of the window."""
-    nb = len(x) // batch
-    epochs = 1 + -(-steps // nb)
     sw = Stopwatch()
-    module = DigitsModule(hidden)
-    with tempfile.TemporaryDirectory() as d:
-        kw = default_callback_kwargs(d)[0] if defaults else {"progress_bar": False}
-        kw.update(trainer_kwargs or {})
-        tr = nnxfit.Trainer(
-            max_epochs=epochs, steps_per_execution=spe, callbacks=[*callbacks(), sw], **kw
-        )
-        loader = ArrayLoader((x, y), batch_size=batch, shuffle=True, seed=0)
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # GradNormMonitor's range warnings
-            tr.fit(module, loader)
+    _timed_fit(
+        x, y, batch=batch, spe=spe, callbacks=[*callbacks(), sw], defaults=defaults,
+        trainer_kwargs=trainer_kwargs, hidden=hidden, max_epochs=1 + -(-steps // (len(x) // batch)),
+    )  # fmt: skip
     if window:
         return sw.rate, sw.s0, sw.s1, sw.t1 - sw.t0
     return sw.rate
@@ -319,15 +327,7 @@ def nnxfit_fit_seconds(
 ) -> float:
     """Wall time of one ``Trainer.fit`` of ``steps`` steps, from a fresh module (compile
     included) to the device being done."""
-    module = DigitsModule(hidden)
-    with tempfile.TemporaryDirectory() as d:
-        kw = default_callback_kwargs(d)[0] if defaults else {"progress_bar": False}
-        kw.update(trainer_kwargs or {})
-        tr = nnxfit.Trainer(max_steps=steps, steps_per_execution=spe, callbacks=callbacks(), **kw)
-        loader = ArrayLoader((x, y), batch_size=batch, shuffle=True, seed=0)
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # GradNormMonitor's range warnings
-            t = time.perf_counter()
-            tr.fit(module, loader)
-            jax.block_until_ready(nnx.state(module))
-            return time.perf_counter() - t
+    return _timed_fit(
+        x, y, batch=batch, spe=spe, callbacks=callbacks(), defaults=defaults,
+        trainer_kwargs=trainer_kwargs, hidden=hidden, max_steps=steps,
+    )  # fmt: skip
