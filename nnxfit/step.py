@@ -114,14 +114,28 @@ SMALL_LEAF = 1 << 16
 INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
+LR_NAMES = ("learning_rate", "lr")  # what optax optimizers call their rate
+
+
+def is_injected(x: Any) -> bool:
+    return isinstance(x, INJECT_STATES)
+
+
+def lr_name(node: Any) -> str | None:
+    """The hyperparameter name of the learning rate in an injected state, if it has one."""
+    return next((k for k in LR_NAMES if k in node.hyperparams), None)
+
+
+def lr_states(opt_state: Any) -> list:
+    """The ``optax.inject_hyperparams`` states in ``opt_state`` that hold a learning rate."""
+    nodes = jax.tree.leaves(opt_state, is_leaf=is_injected)
+    return [n for n in nodes if is_injected(n) and lr_name(n) is not None]
+
+
 def find_learning_rate(opt_state: Any) -> jax.Array | None:
     """The learning rate stored by ``optax.inject_hyperparams``, if the optimizer has one."""
-    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, INJECT_STATES)):
-        if isinstance(node, INJECT_STATES):
-            for name in ("learning_rate", "lr"):
-                if name in node.hyperparams:
-                    return jnp.asarray(node.hyperparams[name], jnp.float32)
-    return None
+    nodes = lr_states(opt_state)
+    return jnp.asarray(nodes[0].hyperparams[lr_name(nodes[0])], jnp.float32) if nodes else None
 
 
 class Programs:

@@ -25,27 +25,13 @@ from nnxfit.callbacks.base import Callback
 from nnxfit.callbacks.early_stopping import _count, _epochs, _number
 from nnxfit.callbacks.monitor import Monitor, announce
 from nnxfit.errors import ConfigError
-from nnxfit.step import INJECT_STATES
-
-NAMES = ("learning_rate", "lr")
-
-
-def _is_inject(x: Any) -> bool:
-    return isinstance(x, INJECT_STATES)
-
-
-def _injected(opt_state: Any) -> list:
-    return [n for n in jax.tree.leaves(opt_state, is_leaf=_is_inject) if _is_inject(n)]
-
-
-def _lr_name(node) -> str | None:
-    return next((k for k in NAMES if k in node.hyperparams), None)
+from nnxfit.step import is_injected, lr_name, lr_states
 
 
 def learning_rates(opt_state: Any) -> list[float]:
     """Every injected learning rate in ``opt_state`` (host floats; one device sync)."""
-    nodes = [n for n in _injected(opt_state) if _lr_name(n) is not None]
-    return [float(v) for v in jax.device_get([n.hyperparams[_lr_name(n)] for n in nodes])]
+    nodes = lr_states(opt_state)
+    return [float(v) for v in jax.device_get([n.hyperparams[lr_name(n)] for n in nodes])]
 
 
 def scale_learning_rates(opt_state: Any, new: Any) -> Any:
@@ -53,21 +39,21 @@ def scale_learning_rates(opt_state: Any, new: Any) -> Any:
     keeping its dtype, weak type and sharding (so the step's signature is unchanged)."""
 
     def swap(node):
-        if not _is_inject(node) or _lr_name(node) is None:
+        name = lr_name(node) if is_injected(node) else None
+        if name is None:
             return node
-        name = _lr_name(node)
         old = node.hyperparams[name]
         value = jax.lax.full_like(old, new(float(old)))
         if isinstance(old, jax.Array):
             value = jax.device_put(value, old.sharding)
         return node._replace(hyperparams={**node.hyperparams, name: value})
 
-    return jax.tree.map(swap, opt_state, is_leaf=_is_inject)
+    return jax.tree.map(swap, opt_state, is_leaf=is_injected)
 
 
 def check_reducible(opt_state: Any, module_name: str) -> None:
     """A ``ConfigError`` naming the fix unless the optimizer keeps a settable learning rate."""
-    nodes = [n for n in _injected(opt_state) if _lr_name(n) is not None]
+    nodes = lr_states(opt_state)
     if not nodes:
         raise ConfigError(
             f"ReduceLROnPlateau needs {module_name}'s optimizer to keep its learning rate in its "
@@ -76,7 +62,7 @@ def check_reducible(opt_state: Any, module_name: str) -> None:
         )
     for n in nodes:
         # inject_hyperparams re-evaluates a schedule every step, overwriting any change.
-        if _lr_name(n) in (getattr(n, "hyperparams_states", None) or {}):
+        if lr_name(n) in (getattr(n, "hyperparams_states", None) or {}):
             raise ConfigError(
                 f"{module_name}'s learning_rate is a schedule inside optax.inject_hyperparams; "
                 "the schedule sets it every step, so ReduceLROnPlateau cannot lower it. Pass a "
