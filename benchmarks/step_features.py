@@ -4,8 +4,9 @@ A short fit builds the Trainer's programs for a set of step features (what NaNGu
 GradNormMonitor and friends ask the step for); the programs are then called in a tight loop
 with pre-stacked batches, like the hand-written loops of ``overhead.py``, and compared with
 the same programs built without features. This isolates device-side cost from the loop's host
-work. ``--no-speculate`` turns off the speculative K-step guard (``StepConfig.speculate``) to
-compare it with gating every step.
+work. With a gate (NaNGuard) on a small state the programs run ungated
+(``StepConfig.speculate``: the Trainer undoes a bad step from a copy it keeps);
+``--no-speculate`` gates every step instead, as for states above ``SPECULATE_MAX_BYTES``.
 
     .venv/bin/python benchmarks/step_features.py                  # small MLP, spe 1 and 32
     .venv/bin/python benchmarks/step_features.py --hidden 512 --steps 896
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--spe", default="1,32", help="steps per call, comma-separated")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sets", default=",".join(SETS), help="feature sets, comma-separated")
-    p.add_argument("--no-speculate", action="store_true", help="gate every step at spe > 1")
+    p.add_argument("--no-speculate", action="store_true", help="gate every step (no speculation)")
     args = p.parse_args(argv)
     if args.no_speculate:
         nnxfit.trainer.SPECULATE_MAX_BYTES = 0

@@ -252,6 +252,11 @@ class BatchSpec:
         self.specs = [_leaf_spec(x, self.paths[i], where) for i, (_, x) in enumerate(leaves)]
         self.batch_size = self.specs[0][0][0] if self.specs[0][0] else None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of a batch of the first batch's size."""
+        return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in self.specs)
+
     def check(self, batch: Any, index: int) -> list:
         leaves, treedef = jax.tree.flatten(batch)
         if treedef != self.treedef:

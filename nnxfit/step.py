@@ -8,6 +8,7 @@ edge over a hand-written loop that passes ``nnx.State`` (Python pytree callbacks
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -48,9 +49,10 @@ class StepConfig:
     precision: str = "float32"
     features: frozenset = field(default_factory=frozenset)
     lr_fn: Callable | None = None  # schedule(step) -> lr, when the lr is not in the opt state
-    # K-step programs with a non-finite gate run the K steps ungated first and redo them gated
-    # only if one was not finite (``Programs._multi``); costs copies of the state, so the
-    # Trainer asks for it only for small states (``trainer.SPECULATE_MAX_BYTES``).
+    # With a non-finite gate: the train programs run ungated, and should a step turn out not
+    # finite, the Trainer re-runs the calls since a copy of the state it kept and undoes that
+    # step (``Trainer._rollback``, ``Programs.gated``). Only for small states
+    # (``trainer.SPECULATE_MAX_BYTES``).
     speculate: bool = False
 
 
@@ -155,8 +157,10 @@ class Programs:
         # for a new input signature, so it is free at steady state (compile_watch.py).
         self.on_trace: Callable | None = None
         self.sharded = False  # set by pin_shardings: the carry lives on a mesh
+        self._jit_kw: dict = {}  # out_shardings, on a mesh
         self.train_single = jax.jit(self._single, donate_argnums=0)
         self.train_multi = jax.jit(self._multi, donate_argnums=0)
+        self._gated: tuple | None = None
         self.eval_batch = jax.jit(self._eval, donate_argnums=1)
         self.predict_batch = jax.jit(self._predict)
 
@@ -165,8 +169,23 @@ class Programs:
         (``placement.py``), so every call hits one compiled program and donation reuses the
         buffers instead of resharding between steps."""
         self.sharded = True
-        self.train_single = jax.jit(self._single, donate_argnums=0, out_shardings=shardings)
-        self.train_multi = jax.jit(self._multi, donate_argnums=0, out_shardings=shardings)
+        self._jit_kw = {"out_shardings": shardings}
+        self.train_single = jax.jit(self._single, donate_argnums=0, **self._jit_kw)
+        self.train_multi = jax.jit(self._multi, donate_argnums=0, **self._jit_kw)
+        self._gated = None
+
+    def gated(self) -> tuple:
+        """For a speculating config, what ``Trainer._rollback`` needs once a step was not
+        finite: (single, multi) programs that gate every update (after a halt), and
+        ``skipped(before, after)``. Compiled on first use."""
+        if self._gated is None:
+            kw = {"donate_argnums": 0, **self._jit_kw}
+            self._gated = (
+                jax.jit(functools.partial(self._single, gate="cond"), **kw),
+                jax.jit(functools.partial(self._multi, gate="cond"), **kw),
+                jax.jit(self._skipped, donate_argnums=(0, 1), **self._jit_kw),
+            )
+        return self._gated
 
     # -- train ---------------------------------------------------------------------------
     def loss_fn(self, params, rest, batch):
@@ -258,11 +277,7 @@ class Programs:
             # the update cost 2.1x the step time of a small MLP with optax.adam on CPU, a cond
             # around the update 1.05x (with inject_hyperparams(adam), ~2x either way).
             params, opt, rest = jax.lax.cond(ok, update, lambda t: t[:3], state)
-        elif gate == "select" and feats & GATES:
-            # For the rare redo of a K-step call (``_multi``): no conditional inside the scan.
-            new = update(state)
-            params, opt, rest = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state[:3])
-        else:
+        else:  # no gate, or speculating (``StepConfig.speculate``)
             params, opt, rest = update(state)
         if "finite" in feats:
             first = health["first_nonfinite_step"]
@@ -270,46 +285,49 @@ class Programs:
                 "nonfinite_steps": health["nonfinite_steps"] + (~finite).astype(jnp.int32),
                 "first_nonfinite_step": jnp.where((first < 0) & ~finite, c.step + 1, first),
             }
-        last = dict(c.last)
-        if "lr" in feats:
-            # The updated state holds the lr this update used (the old one, the step before's).
-            lr = find_learning_rate(opt)
-            if lr is None and cfg.lr_fn is not None:
-                lr = jnp.asarray(cfg.lr_fn(c.step), jnp.float32)
-            if lr is not None:
-                last["lr"] = lr.astype(jnp.float32)
+        last = self._last(c.last, opt, c.step)
         vals = jnp.stack([step_logs[k].astype(jnp.float32) for k in self.metric_order] + [1.0])
         acc = c.acc + jnp.where(ok, vals, 0.0)
         step = None if c.step is None else c.step + 1
         return Carry(params, rest, opt, step, acc, last, health)
 
-    def _single(self, leaves, batch):
+    def _last(self, last: dict, opt: Any, step: jax.Array | None) -> dict:
+        last = dict(last)
+        if "lr" in self.config.features:
+            # The updated state holds the lr this update used (the old one, the step before's).
+            lr = find_learning_rate(opt)
+            if lr is None and self.config.lr_fn is not None:
+                lr = jnp.asarray(self.config.lr_fn(step), jnp.float32)
+            if lr is not None:
+                last["lr"] = lr.astype(jnp.float32)
+        return last
+
+    def _skipped(self, before: list, after: list) -> list:
+        """A one-step call whose step was not finite, as the gated step leaves it: module
+        and optimizer state from before it, step count, sums and health from after."""
+        b = jax.tree.unflatten(self.treedef, before)
+        a = jax.tree.unflatten(self.treedef, after)
+        last = self._last(b.last, b.opt, b.step)
+        return jax.tree.leaves(Carry(b.params, b.rest, b.opt, a.step, a.acc, last, a.health))
+
+    def _gate(self, gate: str | None) -> str | None:
+        return gate if gate != "default" else (None if self.config.speculate else "cond")
+
+    def _single(self, leaves, batch, gate: str | None = "default"):
         self.trace_count += 1
         if self.on_trace is not None:
             self.on_trace("single", batch)
         c = jax.tree.unflatten(self.treedef, leaves)
-        return jax.tree.leaves(self.one_step(c, batch))
+        return jax.tree.leaves(self.one_step(c, batch, self._gate(gate)))
 
-    def _multi(self, leaves, batches):
+    def _multi(self, leaves, batches, gate: str | None = "default"):
         self.trace_count += 1
         if self.on_trace is not None:
             self.on_trace("multi", batches)
         c = jax.tree.unflatten(self.treedef, leaves)
-
-        def run(c, gate="cond"):
-            return jax.lax.scan(lambda c, b: (self.one_step(c, b, gate), None), c, batches)[0]
-
-        if not (self.config.speculate and self.config.features & GATES):
-            return jax.tree.leaves(run(c))
-        # Gating each update on the whole gradient being finite keeps the update from
-        # overlapping the backward pass: +17-22 % on a small MLP's scan on 2 CPU cores. So the
-        # K steps run ungated, and only a call in which a step was not finite is redone from
-        # its start, gated by selects: +8 % instead of +21 % on that MLP (0.3 MB of state).
-        fast = run(c, gate=None)
-        clean = fast.health["nonfinite_steps"] == c.health["nonfinite_steps"]
-        if "halt_on_nonfinite" in self.config.features:
-            clean = clean & (c.health["first_nonfinite_step"] < 0)
-        return jax.tree.leaves(jax.lax.cond(clean, lambda c: fast, lambda c: run(c, "select"), c))
+        gate = self._gate(gate)
+        c, _ = jax.lax.scan(lambda c, b: (self.one_step(c, b, gate), None), c, batches)
+        return jax.tree.leaves(c)
 
     def metric_names(self, carry_shapes: Carry, batch_shapes) -> list[str]:
         """Names ``training_step`` logs, found by tracing (never by running it eagerly)."""

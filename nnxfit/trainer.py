@@ -46,15 +46,19 @@ from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
 from nnxfit.module import TrainModule, attached, has_validation_step
 from nnxfit.placement import Placement
-from nnxfit.step import Carry, Programs, StepConfig, stack
+from nnxfit.step import GATES, Carry, Programs, StepConfig, stack
 
 PRECISIONS = ("float32", "bfloat16")
-# Up to this much state (params, other variables, optimizer), a K-step program with NaNGuard
-# runs ungated and keeps a copy to redo a call gated (``StepConfig.speculate``); above it, it
-# gates each step. Measured on 2 CPU cores, cost of the guard at spe=32: a 0.3 MB state, 21 %
-# gated, 8 % speculating; 3.6 MB: 0.6 % gated, 21 % speculating (copying the state twice a
-# call costs more than the gate once steps are not tiny); 13 MB: 2.5 % against 17 %.
+# Up to this much state (params, other variables, optimizer), the programs run ungated under
+# NaNGuard and the loop keeps copies to re-run from (``Trainer._rollback``); above it, each
+# step gates its update: the gate costs little once steps are not tiny (0-2 % on the large
+# benchmark MLP, 13 MB), while the copies double the state's memory.
 SPECULATE_MAX_BYTES = 1 << 20
+# With speculation, the loop copies the state every this many steps, or sooner when the
+# batches it holds for a re-run since the last copy reach ``MARK_MAX_BATCH_BYTES``. A copy of
+# the small benchmark MLP's state (0.3 MB) takes ~100 us on 2 CPU cores: 0.3 % at 256 steps.
+MARK_EVERY_N_STEPS = 256
+MARK_MAX_BATCH_BYTES = 64 << 20
 
 
 class _Event(NamedTuple):
@@ -66,6 +70,7 @@ class _Event(NamedTuple):
     n_batches: int = 0
     snap: list | None = None  # metric sums to log, taken out of the carry (``_snapshot``)
     barrier: bool = False  # deliver everything up to here before dispatching more
+    mark: list | None = None  # a copy of the carry after the call, when speculating
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
@@ -197,6 +202,7 @@ class Trainer:
         self.lookahead = 0
         self.cb = CallbackList([])
         self._leaves: list | None = None
+        self._journal: collections.deque | None = None  # calls to re-run (speculation)
         self._signal: int | None = None
         self._eval_cache: dict = {}
 
@@ -283,6 +289,7 @@ class Trainer:
         # one a callback needs in step with the device, is delivered before anything more
         # is dispatched.
         self.lookahead = ahead = self._lookahead()
+        self._start_speculation()
         pending: collections.deque[_Event] = collections.deque()
         events = self._dispatch()
         try:
@@ -307,7 +314,12 @@ class Trainer:
         """Delivers the oldest events until ``keep`` are left. False when a hook stopped the
         fit while later calls were already on the device (``_drop_dispatched``)."""
         while len(pending) > keep:
-            self._deliver(pending.popleft())
+            ev = pending.popleft()
+            if self._journal is not None:
+                self._verify(ev)
+            self._deliver(ev)
+            if self._journal is not None and ev.barrier and not pending:
+                self._mark_here()  # a hook in step with the device may have changed the state
             if self.should_stop and pending:
                 self._drop_dispatched(pending)
                 return False
@@ -360,7 +372,8 @@ class Trainer:
                     batch += n_batches
                     snap = self._snapshot() if self._log_due(n_steps) else None
                     sync = self._sync("on_train_batch_end", "batch", n_steps)
-                    yield _Event("call", epoch, n_steps, n_batches, snap, sync)
+                    mark = self._take_mark()
+                    yield _Event("call", epoch, n_steps, n_batches, snap, sync, mark)
                     if self._signal is not None:
                         yield _Event("interrupt", epoch, barrier=True)
                     if self.should_stop or self._steps_done(self.dispatch_step):
@@ -371,7 +384,8 @@ class Trainer:
             # Validation and the last epoch end wait for every hook before anything else runs.
             sync = self.val_data is not None or self._dispatch_done(after_epoch=True)
             sync = sync or self._sync("on_train_epoch_end", "epoch_end")
-            yield _Event("end", epoch, snap=self._snapshot(), barrier=sync)
+            snap = self._snapshot()
+            yield _Event("end", epoch, snap=snap, barrier=sync, mark=self._take_mark())
             self.dispatch_epoch += 1
             batch = 0
 
@@ -406,7 +420,6 @@ class Trainer:
         calls = self._plan_calls(epoch, start)
         if self.prefetch:
             calls = _Prefetch(calls, self.prefetch)
-        single, multi = self._programs.train_single, self._programs.train_multi
         it, clock = iter(calls), time.perf_counter
         try:
             while True:
@@ -416,7 +429,10 @@ class Trainer:
                 if item is None:
                     return
                 kind, batch, n_steps, n_batches = item
+                single, multi = self._calls
                 self._leaves = (single if kind == "single" else multi)(self._leaves, batch)
+                if self._journal is not None:
+                    self._journal.append((kind, batch))
                 yield n_steps, n_batches
         finally:
             if isinstance(calls, _Prefetch):
@@ -506,6 +522,130 @@ class Trainer:
         if chunk:
             yield emit(chunk)
 
+    # ==================================================================== speculation ===
+    # Under NaNGuard, gating each update on the whole gradient being finite keeps the update
+    # from overlapping the backward pass: +33-45 % on a small MLP on 2 CPU cores. So for
+    # small states (``StepConfig.speculate``) the programs run ungated, and the loop keeps a
+    # copy of the carry at a point known to be good (the mark) and a journal of what it
+    # dispatched since. A non-finite count that moved, read before any hook sees the state
+    # (from a log snapshot, a periodic mark, or the live state at a barrier), means a step
+    # was not finite: the journal is re-run from the mark, call by call, each checked, and a
+    # bad step is replaced by what the gated step leaves (``_rollback``). A speculating fit
+    # is exact in itself (a skipped batch leaves everything as a run without it, and a resumed
+    # run re-runs alike); against gating every step, whose update compiles apart, it agrees
+    # to rounding.
+    def _start_speculation(self) -> None:
+        self._calls = (self._programs.train_single, self._programs.train_multi)
+        self._journal = collections.deque() if self._programs.config.speculate else None
+        if self._journal is not None:
+            step_bytes = max(1, self._spec.nbytes * self.grad_accum_steps)
+            self._mark_every = max(1, min(MARK_EVERY_N_STEPS, MARK_MAX_BATCH_BYTES // step_bytes))
+            self._good = self._read_count(self._leaves[self._count_index])
+            self._mark_here()
+
+    def _mark_here(self) -> None:
+        """The state as it is now, known good, becomes the mark; the journal starts over."""
+        self._mark, self._mark_step = self._copy(self._leaves), self.dispatch_step
+        self._journal.clear()
+
+    def _take_mark(self) -> list | None:
+        """At dispatch, every ``_mark_every`` steps: a copy of the carry to re-run from."""
+        if self._journal is None or self.dispatch_step - self._mark_step < self._mark_every:
+            return None
+        mark, self._mark_step = self._copy(self._leaves), self.dispatch_step
+        mark[self._count_index].copy_to_host_async()
+        self._journal.append(("mark", mark))
+        return mark
+
+    @staticmethod
+    def _read_count(x: jax.Array) -> int:
+        wait_ready([x])
+        return int(x)
+
+    def _verify(self, ev: _Event) -> None:
+        """Before an event's hooks: the state up to it is good, or the journal is re-run so
+        that it is. The non-finite count comes from the event's log snapshot, its mark, or,
+        at a barrier (nothing went out after it), the live state. An event with none of those
+        shows its hooks no state."""
+
+        def count() -> int:  # the lists are re-taken in place by a re-run, the live one not
+            if ev.snap is not None:
+                return self._read_count(ev.snap[self._count_index - self._n_head])
+            return self._read_count((ev.mark or self._leaves)[self._count_index])
+
+        if ev.snap is None and ev.mark is None and not ev.barrier:
+            return
+        n = count()
+        if n != self._good:
+            self._rollback()
+            if self._journal is None:  # halted: gated from here on, nothing to verify
+                return
+            n = count()
+        self._good = n
+        anchor = ev.snap if ev.snap is not None else ev.mark
+        if anchor is not None:
+            self._forget_through(anchor)
+
+    def _forget_through(self, anchor: list) -> None:
+        """Everything up to ``anchor`` (a snapshot or mark in the journal) is good: the
+        newest mark up to there becomes the one to re-run from."""
+        last = None
+        for i, (kind, x) in enumerate(self._journal):
+            if kind == "mark":
+                last = i
+            if x is anchor:
+                break
+        if last is not None:
+            self._mark = self._journal[last][1]
+            for _ in range(last + 1):
+                self._journal.popleft()
+
+    def _rollback(self) -> None:
+        """Re-runs the calls since the mark, each checked. A one-step call whose step was not
+        finite keeps the state from before it (``skipped``: what the gated step leaves, bit
+        for bit); a K-step call with such a step is redone a step at a time. Log snapshots
+        and marks are re-taken in place: the pending events hold those same lists. With
+        ``halt_on_nonfinite`` every step after the first bad one is gated, so that nothing
+        more is applied, in this re-run and in the calls still to come."""
+        single, multi = self._calls
+        gated_single, gated_multi, skipped = self._programs.gated()
+        halt = "halt_on_nonfinite" in self._programs.config.features
+        journal, self._journal = self._journal, None  # the re-run's snapshots are not new
+        # From a copy: the mark stays the start of the journal, which a later re-run needs.
+        self._leaves = self._copy(self._mark)
+        good = self._read_count(self._mark[self._count_index])
+
+        def call(kind: str, batch: list) -> None:
+            nonlocal good
+            if self._calls[0] is gated_single:  # halted
+                self._leaves = (gated_single if kind == "single" else gated_multi)(
+                    self._leaves, batch
+                )
+                return
+            before = self._copy(self._leaves)
+            self._leaves = (single if kind == "single" else multi)(self._leaves, batch)
+            if self._read_count(self._leaves[self._count_index]) == good:
+                return
+            if kind == "multi":  # the steps one by one: as the scan's (bit for bit in the tests)
+                self._leaves = before
+                for j in range(batch[0].shape[0]):
+                    call("single", [x[j] for x in batch])
+                return
+            self._leaves = skipped(before, self._leaves)
+            good = self._read_count(self._leaves[self._count_index])
+            if halt:
+                self._calls = (gated_single, gated_multi)
+
+        for kind, x in journal:
+            if kind == "snap":
+                x[:] = self._snapshot()
+            elif kind == "mark":
+                x[:] = self._copy(self._leaves)
+            else:
+                call(kind, x)
+        if not halt:
+            self._journal = journal
+
     # ======================================================================== logging ===
     def _log_due(self, n_steps: int) -> bool:
         n, step = self.log_every_n_steps, self.dispatch_step
@@ -525,6 +665,8 @@ class Trainer:
         self._leaves[i] = zeros
         for x in snap:
             x.copy_to_host_async()
+        if self._journal is not None:
+            self._journal.append(("snap", snap))
         return snap
 
     def _read(self, snap: list | None) -> tuple[np.ndarray, dict]:
@@ -652,7 +794,12 @@ class Trainer:
 
         features = self.cb.step_features()
         state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, rest, opt)))
-        speculate = self.steps_per_execution > 1 and state_bytes <= SPECULATE_MAX_BYTES
+        speculate = (
+            bool(features & GATES)
+            and state_bytes <= SPECULATE_MAX_BYTES
+            and not self.placement.is_sharded
+            and self.val_every_n_steps is None  # its validations are not barriers
+        )
         config = StepConfig(A, self.grad_clip_norm, self.precision, features, lr_fn, speculate)
         # The device counts steps only for features that need the count in the step.
         needs_step = "finite" in features or ("lr" in features and lr_fn is not None)
@@ -698,6 +845,9 @@ class Trainer:
             cs = {"out_shardings": (tail[0].sharding, [x.sharding for x in tail[1:]])}
         self._fresh = jax.jit(jnp.zeros_like, **zs)
         self._fresh_copy = jax.jit(_zeros_and_copies, **cs)
+        self._copy = jax.jit(_copies)
+        where = jax.tree.unflatten(programs.treedef, range(len(self._leaves)))
+        self._count_index = where.health.get("nonfinite_steps")
         self._sync_to_module()
 
     def _default_callbacks(self) -> list[Callback]:
@@ -897,9 +1047,21 @@ class Trainer:
 
 
 def _zeros_and_copies(acc: jax.Array, rest: list) -> tuple[jax.Array, list]:
+    return jnp.zeros_like(acc), _copies(rest)
+
+
+def _copies(leaves: list) -> list:
     # ``x + 0`` rather than ``x``: jit would hand back the input itself, which the next call
     # then donates.
-    return jnp.zeros_like(acc), [x + jnp.zeros_like(x) for x in rest]
+    return [_copy_leaf(x) for x in leaves]
+
+
+def _copy_leaf(x: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys do not add
+        return jax.random.wrap_key_data(
+            _copy_leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+        )
+    return x + jnp.zeros_like(x)
 
 
 def _as_leaves(leaves: list, index: int) -> list:

@@ -115,11 +115,14 @@ def test_nan_loss_with_finite_gradients_is_caught():
 
 
 @pytest.mark.parametrize("spe", [1, 4])
-def test_skip_equals_a_run_that_never_saw_the_bad_batch(spe):
+@pytest.mark.parametrize("speculate", [True, False])
+def test_skip_equals_a_run_that_never_saw_the_bad_batch(spe, speculate, monkeypatch):
     """Dropout and BatchNorm: a skipped step must leave params, optimizer state, BatchNorm
     statistics and the RNG untouched, so the run matches one without that batch bit for bit.
-    With steps_per_execution the calls run ungated and a call with a bad step is redone
-    gated (StepConfig.speculate), by a differently compiled program: the same to rounding."""
+    Speculating (ungated programs; the calls since the last good copy re-run gated once a bad
+    step shows) or gating every step, one step or four a call."""
+    if not speculate:
+        monkeypatch.setattr(nnxfit.trainer, "SPECULATE_MAX_BYTES", 0)
     bad = batches(bad={3, 41})
     good = [b for i, b in enumerate(bad) if i not in (3, 41)]
 
@@ -128,7 +131,7 @@ def test_skip_equals_a_run_that_never_saw_the_bad_batch(spe):
         trainer, module, history = fit(
             data, [NaNGuard("skip")], module=module, steps_per_execution=spe
         )
-        assert trainer._programs.config.speculate == (spe > 1)
+        assert trainer._programs.config.speculate == speculate
         opt = [np.array(x) for x in jax.tree.leaves(trainer.train_state()["opt"])]
         return trainer, module, history, opt
 
@@ -136,12 +139,8 @@ def test_skip_equals_a_run_that_never_saw_the_bad_batch(spe):
         trainer, skipped, history, opt = run(bad)
     assert len(rec) == 1  # once; the rest are counted
     _, clean, clean_history, clean_opt = run(good)
-    if spe == 1:
-        assert same(state(skipped), state(clean))  # params, batch stats, RNG keys and counts
-        assert same(opt, clean_opt)
-    else:
-        for a, b in zip(state(skipped) + opt, state(clean) + clean_opt, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert same(state(skipped), state(clean))  # params, batch stats, RNG keys and counts
+    assert same(opt, clean_opt)
     assert trainer.nonfinite_steps == 4 and trainer.first_nonfinite_step == 4
     assert history.history["nonfinite_steps"] == [2.0, 4.0]  # running count
     # Epoch means leave the skipped steps out.
@@ -172,3 +171,62 @@ def test_no_warning_and_no_stop_on_a_clean_run():
         trainer, _, history = fit(batches(), [guard := NaNGuard("stop")], max_epochs=1)
     assert trainer.global_step == 60 and guard.nonfinite_step is None
     assert history.history["nonfinite_steps"] == [0.0]
+
+
+class StateEvery(nnxfit.Callback):
+    """Reads the module in step with the device where a step that is a multiple of ``n`` was
+    crossed (a barrier there), and records what it sees."""
+
+    def __init__(self, n):
+        self.n, self.due, self.seen = n, set(), {}
+
+    def needs_sync(self, trainer, event, step, n_steps):
+        due = event == "batch" and step // self.n != (step - n_steps) // self.n
+        if due:
+            self.due.add(step)
+        return due
+
+    def on_train_batch_end(self, trainer, module, step, logs):
+        if step in self.due:
+            self.seen[step] = state(module)
+
+
+@pytest.mark.parametrize(
+    "action, bad, spe, log_every",
+    [("skip", {3, 41}, 1, 50), ("skip", {3, 41}, 4, 1000), ("stop", {6}, 1, 1000),
+     ("stop", {6}, 4, 50)],
+)  # fmt: skip
+def test_a_speculating_fit_shows_callbacks_only_checked_states(action, bad, spe, log_every):
+    """The programs run ungated and a bad step is found late (at a log step, an epoch end, a
+    periodic copy, or a callback's barrier), then the calls since the last good copy re-run.
+    A callback reading the module every 10 steps must see exactly the states of a fit that
+    checks every call (a barrier each call: a bad step is re-run at once), and both fits end
+    alike. Logs every 1000 steps leave the periodic copies and epoch ends as the checks."""
+
+    def run(every):
+        reader = StateEvery(every)
+        with pytest.warns(NonFiniteWarning):
+            trainer, module, history = fit(
+                batches(bad=bad),
+                [NaNGuard(action), reader],
+                module=Classifier(dropout=0.2, batchnorm=True),
+                steps_per_execution=spe,
+                log_every_n_steps=log_every,
+            )
+        assert trainer._programs.config.speculate
+        assert trainer._programs._gated is not None  # it did re-run
+        opt = [np.array(x) for x in jax.tree.leaves(trainer.train_state()["opt"])]
+        return trainer, reader.seen, state(module) + opt, history.history
+
+    fit10, seen10, end10, logs10 = run(10)
+    fit1, seen1, end1, logs1 = run(1)
+    assert len(seen10) >= 3
+    for step, seen in seen10.items():
+        assert same(seen, seen1[step]), step
+    assert same(end10, end1)
+    assert logs10 == logs1
+    assert fit10.global_step == fit1.global_step
+    assert (fit10.nonfinite_steps, fit10.first_nonfinite_step) == (
+        fit1.nonfinite_steps,
+        fit1.first_nonfinite_step,
+    )
