@@ -3,6 +3,8 @@ and raise keep the last good state; skip equals a run that never saw the bad bat
 
 from __future__ import annotations
 
+import os
+import signal
 import warnings
 
 import jax
@@ -14,7 +16,7 @@ from models import Classifier, toy_data
 import nnxfit
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
 from nnxfit.callbacks.nan_guard import NaNGuard, NonFiniteWarning
-from nnxfit.checkpoint import load_checkpoint
+from nnxfit.checkpoint import load_checkpoint, read_meta
 
 BS = 4
 X, Y = toy_data(BS * 60)  # 60 steps an epoch
@@ -230,3 +232,48 @@ def test_a_speculating_fit_shows_callbacks_only_checked_states(action, bad, spe,
         fit1.nonfinite_steps,
         fit1.first_nonfinite_step,
     )
+
+
+class SignalAt(nnxfit.Callback):
+    reads_module = False
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, step, logs):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.filterwarnings("ignore::nnxfit.callbacks.nan_guard.NonFiniteWarning")
+@pytest.mark.parametrize("spe", [1, 4])
+def test_a_speculating_fit_interrupted_and_resumed_ends_bit_for_bit(tmp_path, spe):
+    """SIGTERM after a bad step the guard has not checked yet: the state saved on the way out
+    is the re-run one, and the resumed run (which re-runs its own bad steps) ends where the
+    uninterrupted run ends."""
+    data = batches(bad={3, 41, 50, 70})
+
+    def run(workdir, callbacks=(), resume=False):
+        trainer = nnxfit.Trainer(
+            workdir=workdir,
+            callbacks=[NaNGuard("skip"), ModelCheckpoint(), *callbacks],
+            max_epochs=2,
+            log_every_n_steps=50,
+            steps_per_execution=spe,
+            progress_bar=False,
+        )
+        module = Classifier(dropout=0.2, batchnorm=True, seed=0 if not resume else 5)
+        history = trainer.fit(module, data, resume=resume)
+        assert trainer._programs.config.speculate
+        opt = [np.array(x) for x in jax.tree.leaves(trainer.train_state()["opt"])]
+        return trainer, state(module) + opt, history.history
+
+    ref, ref_state, ref_logs = run(tmp_path / "ref")
+    with pytest.raises(nnxfit.TrainingInterrupted):
+        run(tmp_path / "run", [SignalAt(44)])
+    saved = read_meta(tmp_path / "run" / "checkpoints")["step"]
+    assert 44 <= saved < 50  # past bad step 42, before the first log step checked it
+    resumed, resumed_state, resumed_logs = run(tmp_path / "run", resume=True)
+    assert same(resumed_state, ref_state)
+    assert resumed_logs == ref_logs
+    assert (resumed.nonfinite_steps, resumed.global_step) == (ref.nonfinite_steps, 120)
