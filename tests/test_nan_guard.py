@@ -194,11 +194,11 @@ class StateEvery(nnxfit.Callback):
 
 
 @pytest.mark.parametrize(
-    "action, bad, spe, log_every",
-    [("skip", {3, 41}, 1, 50), ("skip", {3, 41}, 4, 1000), ("stop", {6}, 1, 1000),
-     ("stop", {6}, 4, 50)],
+    "action, bad, spe, log_every, accum",
+    [("skip", {3, 41}, 1, 50, 1), ("skip", {3, 41}, 4, 1000, 1), ("stop", {6}, 1, 1000, 1),
+     ("stop", {6}, 4, 50, 1), ("skip", {3, 41}, 3, 50, 2)],
 )  # fmt: skip
-def test_a_speculating_fit_shows_callbacks_only_checked_states(action, bad, spe, log_every):
+def test_a_speculating_fit_shows_callbacks_only_checked_states(action, bad, spe, log_every, accum):
     """The programs run ungated and a bad step is found late (at a log step, an epoch end, a
     periodic copy, or a callback's barrier), then the calls since the last good copy re-run.
     A callback reading the module every 10 steps must see exactly the states of a fit that
@@ -214,6 +214,7 @@ def test_a_speculating_fit_shows_callbacks_only_checked_states(action, bad, spe,
                 module=Classifier(dropout=0.2, batchnorm=True),
                 steps_per_execution=spe,
                 log_every_n_steps=log_every,
+                grad_accum_steps=accum,
             )
         assert trainer._programs.config.speculate
         assert trainer._programs._gated is not None  # it did re-run
