@@ -582,7 +582,7 @@ class Trainer:
                 return
             n = count()
         self._good = n
-        anchor = ev.snap if ev.snap is not None else ev.mark
+        anchor = ev.mark if ev.mark is not None else ev.snap  # the mark comes last
         if anchor is not None:
             self._forget_through(anchor)
 
