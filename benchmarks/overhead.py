@@ -147,13 +147,15 @@ def bench_workload(name: str, args) -> dict:
 
     best_hand = {k: 0.0 for k in hand}
     best_fit = {k: 0.0 for k in fits}
-    for _ in range(args.repeats):
+    names = list(fits)
+    for r in range(args.repeats):
         for k, (run, steps) in hand.items():
             t = time.perf_counter()
             run(steps)
             best_hand[k] = max(best_hand[k], steps / (time.perf_counter() - t))
-        for k, f in fits.items():
-            best_fit[k] = max(best_fit[k], fit_rate(f))
+        # The fits' order turns each round: which fit follows which moved G spe=32 by ~5 %.
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            best_fit[k] = max(best_fit[k], fit_rate(fits[k]))
 
     rates = dict(best_hand)
     if not args.no_hand:
