@@ -62,6 +62,25 @@ def to_numpy(x: Any) -> Any:
     return x
 
 
+def seed_torch_sampler(data: Any, seed: int, epoch: int) -> None:
+    """Makes a torch ``DataLoader``'s order a function of ``(seed, epoch)``.
+
+    ``DataLoader(shuffle=True)`` draws each epoch's permutation from torch's global RNG (or from
+    a generator it advances), which a resumed run cannot replay: its ``RandomSampler`` gets a
+    generator seeded from ``(seed, epoch)`` before each pass instead. A sampler with
+    ``set_epoch`` (``DistributedSampler``) gets the epoch, which torch leaves to the loop.
+    """
+    torch = sys.modules.get("torch")
+    sampler = getattr(data, "sampler", None)
+    if torch is None or sampler is None:
+        return
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(2)
+        sampler.generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def _needs_conversion(x: Any) -> bool:
     return not isinstance(x, np.ndarray | jax.Array) and (
         _is_torch_tensor(x) or hasattr(x, "__array__")

@@ -9,7 +9,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnxfit.adapters import GrainLoader, adapt  # noqa: F401 (GrainLoader re-exported)
+from nnxfit.adapters import (  # noqa: F401 (GrainLoader re-exported)
+    GrainLoader,
+    adapt,
+    seed_torch_sampler,
+)
 from nnxfit.errors import BatchError, ConfigError, EmptyDataError
 
 
@@ -180,16 +184,20 @@ def first_batch(data: Any, where: str = "train") -> Any:
     raise EmptyDataError(f"{where} data {type(data).__name__} yielded no batch.")
 
 
-def epoch_batches(data: Any, epoch: int, start: int = 0, limit: int | None = None) -> Iterator[Any]:
+def epoch_batches(
+    data: Any, epoch: int, start: int = 0, limit: int | None = None, seed: int = 0
+) -> Iterator[Any]:
     """An iterator over the batches of ``epoch`` of any supported source, from batch ``start``
     up to (not including) batch ``limit``.
 
     ``ArrayLoader``, ``GrainLoader`` (anything with ``iter_epoch``) jump straight to
     ``start``. A zero-argument callable is called for a fresh iterable each epoch. Other
-    sources get ``set_epoch(epoch)`` when they have it (torch samplers) and are re-iterated,
-    skipping ``start`` batches, which is exact when the source is deterministic for a given
-    epoch. Their batches go through ``adapters.adapt``: torch tensors and other array-likes
-    become numpy, dataclass batches get registered as pytrees.
+    sources get ``set_epoch(epoch)`` when they have it, and a torch ``DataLoader`` its
+    sampler's epoch and, when it shuffles, an order seeded from ``(seed, epoch)``
+    (``adapters.seed_torch_sampler``); they are re-iterated, skipping ``start`` batches,
+    which is exact when the source is deterministic for a given epoch. Their batches go
+    through ``adapters.adapt``: torch tensors and other array-likes become numpy, dataclass
+    batches get registered as pytrees.
     """
     if limit is not None and start >= limit:
         return iter(())
@@ -202,6 +210,7 @@ def epoch_batches(data: Any, epoch: int, start: int = 0, limit: int | None = Non
             fresh = True
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
+        seed_torch_sampler(data, seed, epoch)
         it = iter(data)
         if it is data and epoch > 0 and not fresh:
             # A generator or iterator is exhausted after one pass; epoch 0 may use it once.

@@ -482,7 +482,7 @@ class Trainer:
                 batches = itertools.islice(batches, max(0, limit - start))
             check = _as_leaves
         else:
-            batches = epoch_batches(data, epoch, start, limit)
+            batches = epoch_batches(data, epoch, start, limit, self.seed)
             check = spec.check
         if K > 1 and A == 1 and isinstance(data, ArrayLoader):
             # Runs of K batches come stacked from the loader's gather buffer (no copy).

@@ -8,7 +8,7 @@ from flax import nnx
 from models import Classifier, toy_data
 
 import nnxfit
-from nnxfit.adapters import GrainLoader, converter_for, to_numpy
+from nnxfit.adapters import GrainLoader, converter_for, seed_torch_sampler, to_numpy
 
 
 def params_of(m):
@@ -82,6 +82,60 @@ def test_torch_dataloader_trains_exactly_like_numpy_batches():
     _, want = fit_params(numpy_batches())
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_shuffled_torch_dataloader_resumes_exactly_after_sigterm(tmp_path):
+    """DataLoader(shuffle=True) draws its order from torch's global RNG; nnxfit seeds the
+    sampler from (Trainer seed, epoch), so a run preempted mid-epoch and resumed (here in the
+    same process, with the global RNG moved on) sees the same batches and ends alike."""
+    import os
+    import signal
+
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nnxfit.callbacks.checkpoint import ModelCheckpoint
+
+    x, y = toy_data(80)
+
+    class Preempt(nnxfit.Callback):
+        reads_module = False
+
+        def on_train_batch_end(self, trainer, module, step, logs):
+            if step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(workdir, callbacks=(), resume=False, seed=0):
+        loader = DataLoader(
+            TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=16, shuffle=True
+        )
+        m = Classifier()
+        tr = nnxfit.Trainer(
+            max_epochs=3,
+            workdir=workdir,
+            seed=seed,
+            progress_bar=False,
+            callbacks=[ModelCheckpoint(every_n_steps=100), *callbacks],
+        )
+        tr.fit(m, loader, resume=resume)
+        return tr, params_of(m)
+
+    _, want = run(tmp_path / "straight")
+    with pytest.raises(nnxfit.TrainingInterrupted):
+        run(tmp_path / "preempted", [Preempt()])
+    torch.rand(5)  # the global RNG moves on, as in a new process
+    tr, got = run(tmp_path / "preempted", resume=True)
+    assert tr.global_step == 15
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Still a shuffle: each epoch its own order, and another seed another order.
+    loader = DataLoader(TensorDataset(torch.from_numpy(x)), batch_size=16, shuffle=True)
+    orders = {}
+    for seed, epoch in [(0, 0), (0, 1), (1, 0), (0, 0)]:
+        seed_torch_sampler(loader, seed, epoch)
+        orders.setdefault((seed, epoch), []).append(list(loader.sampler))
+    assert orders[0, 0][0] == orders[0, 0][1] != orders[0, 1][0] != orders[1, 0][0]
+    assert sorted(orders[0, 1][0]) == list(range(80))
 
 
 def test_torch_dict_dataset_and_validation():
