@@ -138,6 +138,31 @@ def test_shuffled_torch_dataloader_resumes_exactly_after_sigterm(tmp_path):
     assert sorted(orders[0, 1][0]) == list(range(80))
 
 
+def test_a_distributed_sampler_gets_each_epoch():
+    """torch leaves DistributedSampler.set_epoch to the training loop; without it every
+    epoch repeats one order."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    x, y = toy_data(64)
+    ds = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(ds, batch_size=16, sampler=sampler)
+    seen = Seen()
+    nnxfit.Trainer(max_epochs=3, progress_bar=False, callbacks=[seen]).fit(Classifier(), loader)
+    assert seen.epochs == [0, 1, 2]
+
+
+class Seen(nnxfit.Callback):
+    reads_module = False
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_end(self, trainer, module, epoch, logs):
+        self.epochs.append(trainer.train_data.sampler.epoch)
+
+
 def test_torch_dict_dataset_and_validation():
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader, Dataset
