@@ -567,14 +567,14 @@ class Trainer:
         that it is. The non-finite count comes from the event's log snapshot, its mark, or,
         at a barrier (nothing went out after it), the live state. An event with none of those
         shows its hooks no state."""
+        if ev.snap is None and ev.mark is None and not ev.barrier:
+            return
 
         def count() -> int:  # the lists are re-taken in place by a re-run, the live one not
             if ev.snap is not None:
                 return self._read_count(ev.snap[self._count_index - self._n_head])
             return self._read_count((ev.mark or self._leaves)[self._count_index])
 
-        if ev.snap is None and ev.mark is None and not ev.barrier:
-            return
         n = count()
         if n != self._good:
             self._rollback()
