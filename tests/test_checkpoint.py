@@ -326,3 +326,36 @@ def test_step_saves_hold_the_state_of_their_step_while_the_device_runs_ahead(tmp
     saved = Classifier(dropout=0.2)
     load_checkpoint(saved, tmp_path / "checkpoints", which=15)
     assert_bitwise(host(saved), host(ref))
+
+
+class Wide(Classifier):
+    """Mostly zeros (a 256x1024 kernel that stays zero: lr 0): compressible, if compressed."""
+
+    def __init__(self):
+        super().__init__(lr=0.0)
+        self.wide = nnx.Param(np.zeros((256, 1024), np.float32))
+
+
+def dir_bytes(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_arrays_are_written_uncompressed_unless_asked(tmp_path, compress):
+    """Float weights hardly compress and zstd takes CPU from training while the save runs,
+    so arrays go out raw by default; compress=True has orbax zstd them. Both load back."""
+    module = Wide()
+    trainer = nnxfit.Trainer(
+        max_steps=1,
+        workdir=tmp_path,
+        progress_bar=False,
+        callbacks=[ModelCheckpoint(compress=compress, save_weights_only=True)],
+    )
+    x, y = toy_data(8)
+    trainer.fit(module, [(x, y)])
+    raw = 256 * 1024 * 4
+    size = dir_bytes(tmp_path / "checkpoints")
+    assert size < raw / 10 if compress else size > raw
+    restored = Wide()
+    load_checkpoint(restored, tmp_path / "checkpoints")
+    assert_bitwise(host(restored), host(module))
