@@ -104,9 +104,9 @@ def _handlers(compress: bool = True) -> dict:
 
 def _tree_handler(compress: bool):
     """orbax's ``StandardCheckpointHandler``, writing zstd-compressed arrays or not. Float
-    weights and optimizer moments hardly compress, and on 2 CPU cores zstd took ~0.07 s of
-    the ~0.22 s each save of a 115 MiB state cost the training loop (``checkpoint_stall.py``).
-    Restoring reads either kind."""
+    weights and optimizer moments shrink ~11 % under zstd (115 -> 103 MiB), and on 2 CPU cores
+    it took ~0.08 s of the ~0.22 s each such save cost the training loop
+    (``checkpoint_stall.py``). Restoring reads either kind."""
     ocp = _ocp()
     handler = ocp.StandardCheckpointHandler()
     if not compress:

@@ -67,8 +67,8 @@ class ModelCheckpoint(Callback):
     ``dirname`` is relative to the Trainer's ``workdir`` (an absolute path is used as is).
     ``save_weights_only=True`` writes only the module's variables: smaller, loadable with
     ``nnxfit.load_checkpoint``, but such a checkpoint cannot resume a fit. ``compress=True``
-    has orbax zstd-compress the arrays: float weights shrink a few percent for CPU time taken
-    from training while the save runs.
+    has orbax zstd-compress the arrays: ~11 % smaller for a float MLP, for CPU time taken from
+    training while the save runs.
 
     After a fit: ``best_model_path``, ``best_model_score`` (by ``monitor``), ``last_model_path``
     and ``directory``.
