@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import optax
 from flax import nnx
@@ -60,3 +63,16 @@ def toy_data(n=100, din=8, seed=0):
     w = rng.normal(size=(din, 3)).astype(np.float32)
     y = (x @ w).argmax(-1).astype(np.int32)
     return x, y
+
+
+class SignalAt(nnxfit.Callback):
+    """Sends this process SIGTERM from the hook of step ``step`` (a real preemption)."""
+
+    reads_module = False
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, step, logs):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

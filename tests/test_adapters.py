@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from models import Classifier, toy_data
+from models import Classifier, SignalAt, toy_data
 
 import nnxfit
 from nnxfit.adapters import GrainLoader, converter_for, seed_torch_sampler, to_numpy
@@ -88,22 +88,12 @@ def test_shuffled_torch_dataloader_resumes_exactly_after_sigterm(tmp_path):
     """DataLoader(shuffle=True) draws its order from torch's global RNG; nnxfit seeds the
     sampler from (Trainer seed, epoch), so a run preempted mid-epoch and resumed (here in the
     same process, with the global RNG moved on) sees the same batches and ends alike."""
-    import os
-    import signal
-
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader, TensorDataset
 
     from nnxfit.callbacks.checkpoint import ModelCheckpoint
 
     x, y = toy_data(80)
-
-    class Preempt(nnxfit.Callback):
-        reads_module = False
-
-        def on_train_batch_end(self, trainer, module, step, logs):
-            if step == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
 
     def run(workdir, callbacks=(), resume=False, seed=0):
         loader = DataLoader(
@@ -122,7 +112,7 @@ def test_shuffled_torch_dataloader_resumes_exactly_after_sigterm(tmp_path):
 
     _, want = run(tmp_path / "straight")
     with pytest.raises(nnxfit.TrainingInterrupted):
-        run(tmp_path / "preempted", [Preempt()])
+        run(tmp_path / "preempted", [SignalAt(7)])
     torch.rand(5)  # the global RNG moves on, as in a new process
     tr, got = run(tmp_path / "preempted", resume=True)
     assert tr.global_step == 15
@@ -303,17 +293,7 @@ def test_trainer_checkpoints_the_grain_position_it_trained_not_the_prefetched_on
 def test_grain_resume_after_sigterm_is_exact(tmp_path):
     """Preempted mid-epoch and resumed through a real checkpoint, a fit on an endless,
     reshuffling grain loader ends with the same parameters as an uninterrupted one."""
-    import os
-    import signal
-
     from nnxfit.callbacks.checkpoint import ModelCheckpoint
-
-    class Preempt(nnxfit.Callback):
-        reads_module = False
-
-        def on_train_batch_end(self, trainer, module, step, logs):
-            if step == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
 
     def run(workdir, callbacks=(), resume=False):
         m = Classifier()
@@ -328,7 +308,7 @@ def test_grain_resume_after_sigterm_is_exact(tmp_path):
 
     _, want = run(tmp_path / "straight")
     with pytest.raises(nnxfit.TrainingInterrupted):
-        run(tmp_path / "preempted", [Preempt()])
+        run(tmp_path / "preempted", [SignalAt(7)])
     tr, got = run(tmp_path / "preempted", resume=True)
     assert tr.global_step == 15
     for a, b in zip(got, want, strict=True):

@@ -3,15 +3,13 @@ and raise keep the last good state; skip equals a run that never saw the bad bat
 
 from __future__ import annotations
 
-import os
-import signal
 import warnings
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from models import Classifier, toy_data
+from models import Classifier, SignalAt, toy_data
 
 import nnxfit
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
@@ -233,17 +231,6 @@ def test_a_speculating_fit_shows_callbacks_only_checked_states(action, bad, spe,
         fit1.nonfinite_steps,
         fit1.first_nonfinite_step,
     )
-
-
-class SignalAt(nnxfit.Callback):
-    reads_module = False
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, module, step, logs):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.filterwarnings("ignore::nnxfit.callbacks.nan_guard.NonFiniteWarning")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 import types
 import warnings
@@ -15,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from models import MLP, Classifier
+from models import MLP, Classifier, SignalAt
 
 import nnxfit
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
@@ -25,17 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 import train_and_signal as child  # noqa: E402
 
 FIT = dict(max_epochs=3, progress_bar=False, log_every_n_steps=3)  # 7 batches an epoch
-
-
-class SignalAt(nnxfit.Callback):
-    reads_module = False
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, module, step, logs):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Boom(Exception):
