@@ -66,13 +66,13 @@ def toy_data(n=100, din=8, seed=0):
 
 
 class SignalAt(nnxfit.Callback):
-    """Sends this process SIGTERM from the hook of step ``step`` (a real preemption)."""
+    """Sends this process ``signum`` from the hook of step ``step`` (a real preemption)."""
 
     reads_module = False
 
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, step, signum=signal.SIGTERM):
+        self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, module, step, logs):
         if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)

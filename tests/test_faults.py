@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
+from models import SignalAt
 
 import nnxfit
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
@@ -224,17 +225,6 @@ def test_when_every_checkpoint_is_corrupt_resume_fails_and_changes_nothing(tmp_p
     assert "14:" in str(err.value) and "7:" in str(err.value)
     assert sorted(os.listdir(tmp_path)) == before and list_steps(ckpts) == [7, 14]
     assert trainer.global_step == 0
-
-
-class SignalAt(nnxfit.Callback):
-    reads_module = False
-
-    def __init__(self, step, signum=signal.SIGTERM):
-        self.step, self.signum = step, signum
-
-    def on_train_batch_end(self, trainer, module, step, logs):
-        if step == self.step:
-            os.kill(os.getpid(), self.signum)
 
 
 def test_sigint_on_a_periodic_save_step_saves_once_and_restores_the_handlers(tmp_path):
