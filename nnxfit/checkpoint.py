@@ -93,7 +93,7 @@ def _ocp():
     return ocp
 
 
-def _handlers(compress: bool = True) -> dict:
+def _handlers(compress: bool = False) -> dict:
     ocp = _ocp()
     return {
         "module": _tree_handler(compress),

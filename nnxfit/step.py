@@ -158,8 +158,8 @@ class Programs:
         self.on_trace: Callable | None = None
         self.sharded = False  # set by pin_shardings: the carry lives on a mesh
         self._jit_kw: dict = {}  # out_shardings, on a mesh
-        self.train_single = jax.jit(self._single, donate_argnums=0)
-        self.train_multi = jax.jit(self._multi, donate_argnums=0)
+        # Speculating, the train programs run ungated (``StepConfig.speculate``).
+        self.train_single, self.train_multi = self._train_jits(None if config.speculate else "cond")
         self._gated: tuple | None = None
         self.eval_batch = jax.jit(self._eval, donate_argnums=1)
         self.predict_batch = jax.jit(self._predict)
@@ -170,21 +170,25 @@ class Programs:
         buffers instead of resharding between steps."""
         self.sharded = True
         self._jit_kw = {"out_shardings": shardings}
-        self.train_single = jax.jit(self._single, donate_argnums=0, **self._jit_kw)
-        self.train_multi = jax.jit(self._multi, donate_argnums=0, **self._jit_kw)
+        self.train_single, self.train_multi = self._train_jits(
+            None if self.config.speculate else "cond"
+        )
         self._gated = None
+
+    def _train_jits(self, gate: str | None) -> tuple:
+        """The (single, multi) train programs, jitted and donated, with ``gate``."""
+        kw = {"donate_argnums": 0, **self._jit_kw}
+        return tuple(
+            jax.jit(functools.partial(f, gate=gate), **kw) for f in (self._single, self._multi)
+        )
 
     def gated(self) -> tuple:
         """For a speculating config, what ``Trainer._rollback`` needs once a step was not
         finite: (single, multi) programs that gate every update (after a halt), and
         ``skipped(before, after)``. Compiled on first use."""
         if self._gated is None:
-            kw = {"donate_argnums": 0, **self._jit_kw}
-            self._gated = (
-                jax.jit(functools.partial(self._single, gate="cond"), **kw),
-                jax.jit(functools.partial(self._multi, gate="cond"), **kw),
-                jax.jit(self._skipped, donate_argnums=(0, 1), **self._jit_kw),
-            )
+            skipped = jax.jit(self._skipped, donate_argnums=(0, 1), **self._jit_kw)
+            self._gated = (*self._train_jits("cond"), skipped)
         return self._gated
 
     # -- train ---------------------------------------------------------------------------
@@ -310,22 +314,18 @@ class Programs:
         last = self._last(b.last, b.opt, b.step)
         return jax.tree.leaves(Carry(b.params, b.rest, b.opt, a.step, a.acc, last, a.health))
 
-    def _gate(self, gate: str | None) -> str | None:
-        return gate if gate != "default" else (None if self.config.speculate else "cond")
-
-    def _single(self, leaves, batch, gate: str | None = "default"):
+    def _single(self, leaves, batch, gate: str | None):
         self.trace_count += 1
         if self.on_trace is not None:
             self.on_trace("single", batch)
         c = jax.tree.unflatten(self.treedef, leaves)
-        return jax.tree.leaves(self.one_step(c, batch, self._gate(gate)))
+        return jax.tree.leaves(self.one_step(c, batch, gate))
 
-    def _multi(self, leaves, batches, gate: str | None = "default"):
+    def _multi(self, leaves, batches, gate: str | None):
         self.trace_count += 1
         if self.on_trace is not None:
             self.on_trace("multi", batches)
         c = jax.tree.unflatten(self.treedef, leaves)
-        gate = self._gate(gate)
         c, _ = jax.lax.scan(lambda c, b: (self.one_step(c, b, gate), None), c, batches)
         return jax.tree.leaves(c)
 

@@ -473,17 +473,7 @@ class Trainer:
                 chunk = []
                 yield out
 
-        # An ArrayLoader's batches are slices of arrays checked once at construction: only
-        # their batch size can change, so they come as leaves, with no per-batch check.
         data, limit = self.train_data, self.limit_train_batches
-        if isinstance(data, ArrayLoader):
-            batches = data.iter_leaves(epoch, start)
-            if limit is not None:
-                batches = itertools.islice(batches, max(0, limit - start))
-            check = _as_leaves
-        else:
-            batches = epoch_batches(data, epoch, start, limit, self.seed)
-            check = spec.check
         if K > 1 and A == 1 and isinstance(data, ArrayLoader):
             # Runs of K batches come stacked from the loader's gather buffer (no copy).
             for leaves, m in data.iter_runs(epoch, start, K, limit):
@@ -499,6 +489,16 @@ class Trainer:
                 else:
                     yield "multi", put(leaves, 1), m, m
             return
+        # An ArrayLoader's batches are slices of arrays checked once at construction: only
+        # their batch size can change, so they come as leaves, with no per-batch check.
+        if isinstance(data, ArrayLoader):
+            batches = data.iter_leaves(epoch, start)
+            if limit is not None:
+                batches = itertools.islice(batches, max(0, limit - start))
+            check = _as_leaves
+        else:
+            batches = epoch_batches(data, epoch, start, limit, self.seed)
+            check = spec.check
         if K == 1 and A == 1:  # one batch per call: the common case, kept lean
             for i, batch in enumerate(batches, start):
                 if self.max_steps is not None and planned >= self.max_steps:
@@ -614,10 +614,11 @@ class Trainer:
         # From a copy: the mark stays the start of the journal, which a later re-run needs.
         self._leaves = self._copy(self._mark)
         good = self._read_count(self._mark[self._count_index])
+        halted = False
 
         def call(kind: str, batch: list) -> None:
-            nonlocal good
-            if self._calls[0] is gated_single:  # halted
+            nonlocal good, halted
+            if halted:
                 self._leaves = (gated_single if kind == "single" else gated_multi)(
                     self._leaves, batch
                 )
@@ -634,7 +635,7 @@ class Trainer:
             self._leaves = skipped(before, self._leaves)
             good = self._read_count(self._leaves[self._count_index])
             if halt:
-                self._calls = (gated_single, gated_multi)
+                self._calls, halted = (gated_single, gated_multi), True
 
         for kind, x in journal:
             if kind == "snap":
