@@ -35,6 +35,7 @@ import jax
 from flax import nnx
 
 from nnxfit.errors import CheckpointError, ConfigError
+from nnxfit.module_leaves import live_leaves
 
 FORMAT = 1
 TRAIN_FIELDS = ("opt", "step", "acc", "last", "health")
@@ -632,8 +633,7 @@ def load_checkpoint(
         raise CheckpointError(f"no complete checkpoint in {directory}.")
     trainable = getattr(module, "trainable", nnx.Param)
     _, params_v, rest_v = nnx.split(module, trainable, ...)
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    variables = jax.tree.leaves(params_v, is_leaf=is_var) + jax.tree.leaves(rest_v, is_leaf=is_var)
+    variables = live_leaves(module, params_v, rest_v)  # plain array attributes too
     tree = _Tree("module", {"params": nnx.as_pure(params_v), "rest": nnx.as_pure(rest_v)})
     reader = _reader(directory)
     try:

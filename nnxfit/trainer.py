@@ -45,6 +45,7 @@ from nnxfit.data import (
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
 from nnxfit.module import TrainModule, attached, has_validation_step
+from nnxfit.module_leaves import live_leaves
 from nnxfit.placement import Placement
 from nnxfit.step import GATES, Carry, Programs, StepConfig, stack
 
@@ -784,10 +785,8 @@ class Trainer:
                 f"{type(module).__name__}.trainable = {module.trainable!r} matches no variable; "
                 "the optimizer would update nothing. Use nnx.Param or a filter that matches."
             )
-        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-        self._live_vars = jax.tree.leaves(params_v, is_leaf=is_var) + jax.tree.leaves(
-            rest_v, is_leaf=is_var
-        )
+        # Variables, and handles on plain array attributes (``module_leaves.py``).
+        self._live_vars = live_leaves(module, params_v, rest_v)
         # Copies, so that donation never deletes arrays the caller still holds.
         params = self.placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(params_v)), params_v)
         rest = self.placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(rest_v)), rest_v)
