@@ -356,8 +356,8 @@ def save_state(
     are copied off the device. ``metrics`` are the values at save time (the monitored one is
     ranked by orbax only when finite: a NaN must never count as the best)."""
     ocp = _ocp()
-    module, train = _split_train_state(trainer.train_state())
-    loop = trainer.loop_state()
+    state, loop = trainer.checkpoint_state()  # the resume point (resume_point.py)
+    module, train = _split_train_state(state)
     metrics = {k: _json_float(v) for k, v in (metrics or {}).items()}
     meta = {
         "format": FORMAT,
