@@ -12,6 +12,10 @@ just ``<step>`` is complete; a tmp folder (a process killed mid-save) is never l
   states, loader state), the metrics at save time, nnxfit/jax/flax versions, Trainer options,
   wall time.
 
+The arrays and the loop state come from ``Trainer.checkpoint_state()``: the point a resume
+continues from (the live state, or the state from before a partial epoch end:
+``resume_point.py``).
+
 Arrays are stored as nested dicts keyed by their pytree path (``opt/0/mu/net/l1/kernel``), so a
 mismatch is reported by path, and they are restored into the *live* structure (optax
 namedtuples, ``nnx.State``) with the live shardings. Typed PRNG keys are stored as their

@@ -14,6 +14,12 @@ When a checkpoint is taken:
 * on SIGTERM/SIGINT (``on_interrupt``), at the current step, waiting until it is on disk;
 * at the end of a fit that finished normally, when ``save_last`` and the last step is unsaved.
 
+What a checkpoint holds is ``Trainer.checkpoint_state()``: the live state, except once a fit
+has ended inside an epoch (``max_steps``, ``should_stop``, ``NaNGuard("stop")``): from that
+partial epoch end on, every save holds the state from before it, from which a resume
+finishes the epoch (``nnxfit/resume_point.py``); after ``NaNGuard("stop")`` that is the last
+good step's state, and checkpoints written of the frozen steps after it are moved aside.
+
 Retention: orbax's preservation policy keeps the newest checkpoint (the resume point, always
 during a fit; after it only with ``save_last``) and the best ``save_top_k`` by ``monitor``
 (the newest ``save_top_k`` without a monitor; ``-1`` keeps all). Orbax deletes evicted
