@@ -12,6 +12,10 @@ just ``<step>`` is complete; a tmp folder (a process killed mid-save) is never l
   states, loader state), the metrics at save time, nnxfit/jax/flax versions, Trainer options,
   wall time.
 
+The arrays and the loop state come from ``Trainer.checkpoint_state()``: the point a resume
+continues from (the live state, or the state from before a partial epoch end:
+``resume_point.py``).
+
 Arrays are stored as nested dicts keyed by their pytree path (``opt/0/mu/net/l1/kernel``), so a
 mismatch is reported by path, and they are restored into the *live* structure (optax
 namedtuples, ``nnx.State``) with the live shardings. Typed PRNG keys are stored as their
@@ -35,6 +39,7 @@ import jax
 from flax import nnx
 
 from nnxfit.errors import CheckpointError, ConfigError
+from nnxfit.module_leaves import live_leaves
 
 FORMAT = 1
 TRAIN_FIELDS = ("opt", "step", "acc", "last", "health")
@@ -355,8 +360,8 @@ def save_state(
     are copied off the device. ``metrics`` are the values at save time (the monitored one is
     ranked by orbax only when finite: a NaN must never count as the best)."""
     ocp = _ocp()
-    module, train = _split_train_state(trainer.train_state())
-    loop = trainer.loop_state()
+    state, loop = trainer.checkpoint_state()  # the resume point (resume_point.py)
+    module, train = _split_train_state(state)
     metrics = {k: _json_float(v) for k, v in (metrics or {}).items()}
     meta = {
         "format": FORMAT,
@@ -632,8 +637,7 @@ def load_checkpoint(
         raise CheckpointError(f"no complete checkpoint in {directory}.")
     trainable = getattr(module, "trainable", nnx.Param)
     _, params_v, rest_v = nnx.split(module, trainable, ...)
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    variables = jax.tree.leaves(params_v, is_leaf=is_var) + jax.tree.leaves(rest_v, is_leaf=is_var)
+    variables = live_leaves(module, params_v, rest_v)  # plain array attributes too
     tree = _Tree("module", {"params": nnx.as_pure(params_v), "rest": nnx.as_pure(rest_v)})
     reader = _reader(directory)
     try:

@@ -45,7 +45,9 @@ from nnxfit.data import (
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
 from nnxfit.module import TrainModule, attached, has_validation_step
+from nnxfit.module_leaves import live_leaves
 from nnxfit.placement import Placement
+from nnxfit.resume_point import ResumeInfo, Trail, capture, step_of
 from nnxfit.step import GATES, Carry, Programs, StepConfig, stack
 
 PRECISIONS = ("float32", "bfloat16")
@@ -71,6 +73,7 @@ class _Event(NamedTuple):
     snap: list | None = None  # metric sums to log, taken out of the carry (``_snapshot``)
     barrier: bool = False  # deliver everything up to here before dispatching more
     mark: list | None = None  # a copy of the carry after the call, when speculating
+    partial: bool = False  # an epoch end before the epoch's last batch (the fit stopped)
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
@@ -193,6 +196,7 @@ class Trainer:
         self.module: TrainModule | None = None
         self.fitting = False
         self.resumed_from: str | None = None
+        self.resume_info: ResumeInfo | None = None  # set by a resume (for the loggers)
         # Seconds the loop has waited for its next batch (all fits; ThroughputMonitor).
         self.data_wait_seconds = 0.0
         # What has gone out to the device; the hooks' counters above trail it by up to
@@ -205,6 +209,12 @@ class Trainer:
         self._journal: collections.deque | None = None  # calls to re-run (speculation)
         self._signal: int | None = None
         self._eval_cache: dict = {}
+        # Where the fit ended, once it ended inside an epoch (``resume_point.py``), and what
+        # it takes to compute: the recent logs, and the resumed run's grid of logs and calls.
+        self._resume_point = None
+        self._trail = Trail()
+        self._log_from: int | None = None
+        self._call_rest = self._cut_rest = 0
 
     # ======================================================================= public API ===
     @_attach
@@ -332,13 +342,14 @@ class Trainer:
         ends without lookahead: same counters, loader position, History and hooks."""
         end_due = pending[0].kind != "start"  # this epoch's end is among the dropped events
         interrupted = any(e.kind == "interrupt" for e in pending)
+        partial = any(e.kind == "call" or e.partial for e in pending)
         pending.clear()
         self.dispatch_step, self.dispatch_epoch = self.global_step, self.current_epoch
         if self._step_index is not None:  # the device's step counter follows the hooks'
             old = self._leaves[self._step_index]
             self._leaves[self._step_index] = jnp.full_like(old, self.global_step)
         if end_due:
-            self._deliver(_Event("end", self.current_epoch))  # frozen steps add nothing
+            self._deliver(_Event("end", self.current_epoch, partial=partial))  # frozen: adds 0
         if interrupted:
             self._interrupt()
 
@@ -366,6 +377,7 @@ class Trainer:
         while not self._dispatch_done():
             epoch = self.dispatch_epoch
             yield _Event("start", epoch, barrier=self._sync("on_train_epoch_start", "epoch_start"))
+            stopped = False
             with contextlib.closing(self._run_calls(epoch, batch)) as calls:
                 for n_steps, n_batches in calls:
                     self.dispatch_step += n_steps
@@ -377,6 +389,7 @@ class Trainer:
                     if self._signal is not None:
                         yield _Event("interrupt", epoch, barrier=True)
                     if self.should_stop or self._steps_done(self.dispatch_step):
+                        stopped = True
                         break
                 else:
                     if batch == 0:
@@ -385,27 +398,41 @@ class Trainer:
             sync = self.val_data is not None or self._dispatch_done(after_epoch=True)
             sync = sync or self._sync("on_train_epoch_end", "epoch_end")
             snap = self._snapshot()
-            yield _Event("end", epoch, snap=snap, barrier=sync, mark=self._take_mark())
+            nb = self._n_train_batches
+            partial = stopped and (nb is None or batch < nb)
+            mark = self._take_mark()
+            yield _Event("end", epoch, snap=snap, barrier=sync, mark=mark, partial=partial)
             self.dispatch_epoch += 1
             batch = 0
 
     def _deliver(self, ev: _Event) -> None:
+        calls = self._trail.calls  # where calls ended, under NaNGuard("stop") only
         if ev.kind == "start":
+            if calls is not None:
+                calls.clear()
+                calls.append((self.global_step, self.batch_in_epoch))
             self._hook("on_train_epoch_start", ev.epoch)
         elif ev.kind == "call":
             self.global_step += ev.n_steps
             self.batch_in_epoch += ev.n_batches
+            if calls is not None:
+                calls.append((self.global_step, self.batch_in_epoch))
             logs = self._interval_logs(ev.snap) if ev.snap is not None else {}
             self._hook("on_train_batch_end", self.global_step, logs)
             if self._mid_val_due(ev.n_steps):
                 self.logged_metrics.update(self._validate(self.val_data))
         elif ev.kind == "end":
             logs = self._epoch_logs(ev.snap)
+            # A fit that ended inside the epoch: from here on its checkpoints (those of this
+            # epoch end's hooks too) hold the state from before this epoch end, so that a
+            # resume finishes the epoch (``resume_point.py``).
+            self._resume_point = capture(self, at_end=True, partial=ev.partial)
             every = (ev.epoch + 1) % self.val_every_n_epochs == 0
             if self.val_data is not None and (every or self._done(after_epoch=True)):
                 logs.update(self._validate(self.val_data))
             self._hook("on_train_epoch_end", ev.epoch, logs)
             self.history.append(ev.epoch, logs)
+            self._trail.epoch_ended(self.global_step, logs)
             self.current_epoch += 1
             self.batch_in_epoch = 0
             # Only now: a checkpoint written by an epoch-end hook keeps the epoch's sums, and a
@@ -445,6 +472,9 @@ class Trainer:
         K, A = self.steps_per_execution, self.grad_accum_steps
         spec, put = self._spec, self.placement.put_batch
         planned = self.dispatch_step
+        # A resumed fit first runs the rest of the call that max_steps cut short, so that its
+        # calls (and the logs at their ends) fall where the uninterrupted run's do.
+        cap, self._call_rest = min(K, self._call_rest or K), 0
         chunk: list[list] = []
         group: list[list] = []
 
@@ -456,31 +486,42 @@ class Trainer:
             return "multi", put(stack(groups), 1 + int(A > 1)), len(groups), n_batches
 
         def room():
-            return K if self.max_steps is None else min(K, self.max_steps - planned)
+            return cap if self.max_steps is None else min(cap, self.max_steps - planned)
 
         def push(g):
-            nonlocal chunk, planned
+            nonlocal chunk, planned, cap
             key = (len(g), g[0][0].shape[0])
             if chunk and (len(chunk[0]), chunk[0][0][0].shape[0]) != key:
                 out = emit(chunk)
                 planned += out[2]
-                chunk = []
+                chunk, cap = [], K
                 yield out
             chunk.append(g)
             if len(chunk) >= room():
+                if len(chunk) < cap:  # cut short by max_steps (``resume_point.py``)
+                    self._cut_rest = cap - len(chunk)
                 out = emit(chunk)
                 planned += out[2]
-                chunk = []
+                chunk, cap = [], K
                 yield out
 
         data, limit = self.train_data, self.limit_train_batches
         if K > 1 and A == 1 and isinstance(data, ArrayLoader):
             # Runs of K batches come stacked from the loader's gather buffer (no copy).
-            for leaves, m in data.iter_runs(epoch, start, K, limit):
+            def runs():
+                at = start
+                for leaves, m in data.iter_runs(epoch, start, cap, limit) if cap < K else ():
+                    yield leaves, m
+                    at += m
+                    break
+                yield from data.iter_runs(epoch, at, K, limit)
+
+            for leaves, m in runs():
                 if self.max_steps is not None:
                     if planned >= self.max_steps:
                         return
                     if m > self.max_steps - planned:
+                        self._cut_rest = m - (self.max_steps - planned)
                         m = self.max_steps - planned
                         leaves = [x[:m] for x in leaves]
                 planned += m
@@ -650,7 +691,10 @@ class Trainer:
     # ======================================================================== logging ===
     def _log_due(self, n_steps: int) -> bool:
         n, step = self.log_every_n_steps, self.dispatch_step
-        return step // n != (step - n_steps) // n or self._steps_done(step)
+        prev = step - n_steps
+        if self._log_from is not None:  # resumed: the last log may lie before the checkpoint
+            prev, self._log_from = self._log_from, None
+        return step // n != prev // n or self._steps_done(step)
 
     def _snapshot(self) -> list:
         """Takes the metric sums since the last snapshot out of the carry (zeros go in) and, when
@@ -685,13 +729,19 @@ class Trainer:
     def _interval_logs(self, snap: list) -> dict[str, float]:
         """Means over the steps since the last log; their sums join the epoch's."""
         acc, last = self._read(snap)
+        before = self._epoch_acc.copy()
         self._epoch_acc += acc
         logs = self._means(acc, last)
         self.logged_metrics = dict(logs)
+        final, cut = self._steps_done(), self._cut_rest > 0
+        self._trail.logged(
+            self.global_step, before, acc, logs, every=self.log_every_n_steps, final=final, cut=cut
+        )
         return logs
 
     def _epoch_logs(self, snap: list | None) -> dict[str, float]:
         acc, last = self._read(snap)
+        self._trail.end = (self._epoch_acc.copy(), acc)
         self._epoch_acc += acc  # cleared after the epoch-end hooks (``_deliver``)
         return self._means(self._epoch_acc, last)
 
@@ -756,7 +806,8 @@ class Trainer:
         self.global_step = self.current_epoch = self.batch_in_epoch = 0
         self.first_nonfinite_step, self.nonfinite_steps = None, 0
         self.logged_metrics = {}
-        self.resumed_from = None
+        self.resumed_from = self.resume_info = None
+        self._resume_point, self._log_from, self._call_rest, self._cut_rest = None, None, 0, 0
         self._signal = None
         self._spec = BatchSpec(first_batch, "train")
         self.placement.check_batch_size(self._spec.batch_size, "train")
@@ -784,16 +835,18 @@ class Trainer:
                 f"{type(module).__name__}.trainable = {module.trainable!r} matches no variable; "
                 "the optimizer would update nothing. Use nnx.Param or a filter that matches."
             )
-        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-        self._live_vars = jax.tree.leaves(params_v, is_leaf=is_var) + jax.tree.leaves(
-            rest_v, is_leaf=is_var
-        )
+        # Variables, and handles on plain array attributes (``module_leaves.py``).
+        self._live_vars = live_leaves(module, params_v, rest_v)
         # Copies, so that donation never deletes arrays the caller still holds.
         params = self.placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(params_v)), params_v)
         rest = self.placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(rest_v)), rest_v)
         opt = self.placement.init_optimizer(tx, params)  # mirrors the params' shardings
 
         features = self.cb.step_features()
+        # Under NaNGuard("stop") the resume point is the last good step's: where calls ended
+        # since about the last two logs (``resume_point.py``).
+        halts = "halt_on_nonfinite" in features
+        self._trail = Trail(keep_calls=2 * self.log_every_n_steps + 4 if halts else 0)
         state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, rest, opt)))
         speculate = (
             bool(features & GATES)
@@ -916,24 +969,55 @@ class Trainer:
         self._sync_to_module()
 
     def loop_state(self) -> dict:
-        """Host-side counters a resumed run needs (plain Python)."""
+        """Host-side counters a resumed run needs (plain Python), live."""
         return {
             "global_step": self.global_step,
             "epoch": self.current_epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "should_stop": self.should_stop,
+            "should_stop": self.should_stop,  # informative: a resumed fit decides anew
             "history": self.history.state_dict(),
             "epoch_acc": self._epoch_acc.tolist(),
             "callbacks": self.cb.state_dicts(),
             "loader": loader_state(self.train_data, self.current_epoch, self.batch_in_epoch),
+            "call_rest": 0,
+            "superseded_from": self.global_step + 1,
+            **self._trail.loop_fields(*self._trail.regular()),
         }
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """What a checkpoint saves, ``(train_state(), loop_state())``-shaped: the point a
+        resume continues from. The live state while the fit trains; once it has ended inside
+        an epoch, the state from before that epoch's end (``resume_point.py``)."""
+        point = self._resume_point
+        if point is None:
+            point = capture(self, at_end=False)
+        carry = jax.tree.unflatten(self._programs.treedef, point.leaves)
+        return carry._asdict(), point.loop
+
+    @property
+    def checkpoint_step(self) -> int:
+        """The step of the state a checkpoint saves now (``checkpoint_state``): the global
+        step, or the last good step's after ``NaNGuard("stop")``."""
+        return step_of(self)
 
     def load_loop_state(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
         self.current_epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
-        self.should_stop = bool(state.get("should_stop", False))
+        # A new fit call is a new decision: a stop saved with the state does not carry over.
+        self.should_stop = False
         self.history.load_state_dict(state.get("history", {}))
+        log_step = int(state.get("log_step", self.global_step))
+        logs = dict(state.get("logged_metrics") or {})
+        calls = self._trail.calls
+        self._trail = Trail(log_step, logs, calls.maxlen if calls is not None else 0)
+        end = state.get("epoch_end")
+        self._trail.epoch = (int(end[0]), dict(end[1])) if end else None
+        self._log_from = log_step if log_step != self.global_step else None
+        self._call_rest = int(state.get("call_rest", 0))
+        self.logged_metrics = dict(logs)
+        superseded = int(state.get("superseded_from", self.global_step + 1))
+        self.resume_info = ResumeInfo(log_step, superseded, logs, self._trail.epoch)
         acc = state.get("epoch_acc")
         if acc is not None and len(acc) == len(self._epoch_acc):
             self._epoch_acc = np.asarray(acc, np.float64)

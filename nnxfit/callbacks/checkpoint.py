@@ -14,6 +14,12 @@ When a checkpoint is taken:
 * on SIGTERM/SIGINT (``on_interrupt``), at the current step, waiting until it is on disk;
 * at the end of a fit that finished normally, when ``save_last`` and the last step is unsaved.
 
+What a checkpoint holds is ``Trainer.checkpoint_state()``: the live state, except once a fit
+has ended inside an epoch (``max_steps``, ``should_stop``, ``NaNGuard("stop")``): from that
+partial epoch end on, every save holds the state from before it, from which a resume
+finishes the epoch (``nnxfit/resume_point.py``); after ``NaNGuard("stop")`` that is the last
+good step's state, and checkpoints written of the frozen steps after it are moved aside.
+
 Retention: orbax's preservation policy keeps the newest checkpoint (the resume point, always
 during a fit; after it only with ``save_last``) and the best ``save_top_k`` by ``monitor``
 (the newest ``save_top_k`` without a monitor; ``-1`` keeps all). Orbax deletes evicted
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -269,7 +276,9 @@ class ModelCheckpoint(Callback):
             self._save(trainer, pending["metrics"])
 
     def _save(self, trainer, metrics: dict) -> bool:
-        step = trainer.global_step
+        step = trainer.checkpoint_step  # the step of the state saved (resume_point.py)
+        if trainer.is_global_zero:
+            self._move_undone(trainer, step)
         if step in self._manager.all_steps() or step in list_steps(self.directory):
             return False  # never twice: orbax would delete every newer checkpoint
         score = self._score(metrics)
@@ -398,6 +407,23 @@ class ModelCheckpoint(Callback):
                 stacklevel=3,
             )
 
+    def _move_undone(self, trainer, step: int) -> None:
+        """A save older than checkpoints already written: after ``NaNGuard("stop")`` the
+        fit's state is that of the last good step, and a checkpoint of a later step held the
+        frozen state of the steps it undid (a resume from it would stay frozen). Those are
+        moved aside, never deleted, so that the newest checkpoint is the resume point."""
+        newer = [s for s in list_steps(self.directory) if s > step]
+        if not newer:
+            return
+        dest = move_aside(self.directory, newer, "undone")
+        self._manager.reload()
+        warnings.warn(
+            f"ModelCheckpoint: checkpoint(s) {newer} in {self.directory} hold steps the fit "
+            f"undid (it ends at step {step}); moved them to {dest}.",
+            ResumeWarning,
+            stacklevel=_outside_nnxfit(),
+        )
+
     # -- checks ---------------------------------------------------------------------------
     def _epoch_ending(self, trainer) -> bool:
         n = getattr(trainer, "_n_train_batches", None)
@@ -413,6 +439,16 @@ class ModelCheckpoint(Callback):
         names = known_metrics(trainer, want=self.monitor)
         if self.monitor not in names:
             raise self._monitor.unknown(names)
+
+
+def _outside_nnxfit() -> int:
+    """The ``stacklevel`` of the first frame outside nnxfit, for a warning raised by the
+    caller of this function: the user's line, whichever hook path led there."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def known_metrics(trainer, want: str | None = None) -> list[str]:

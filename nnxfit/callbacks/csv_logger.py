@@ -16,12 +16,14 @@ late). The file is then rewritten once with the wider header (into a temporary f
 atomic rename), so the header always matches every row; that happens a handful of times per
 run, never per step.
 
-Resume. When the fit resumes from a checkpoint at step S (``trainer.resumed_from`` set), the
-rows the interrupted run wrote after that checkpoint are dropped (train rows with step > S,
-epoch rows of epochs the resumed run will end again) and the new rows are appended, so the
-file ends equal to an uninterrupted run's. A fit that does not resume starts a fresh file, as
-Keras's ``CSVLogger`` does by default: its steps restart at 0, and two runs in one file would
-make every curve drawn from it wrong. ``append=False`` starts a fresh file even on resume.
+Resume. When the fit resumes from a checkpoint (``trainer.resume_info`` set), the rows the
+earlier run wrote past that checkpoint are dropped (train rows after the last train log the
+resumed run continues from, ``resume_info.log_step``; epoch rows of epochs the resumed run
+will end again, such as the partial epoch of a fit stopped inside it) and the new rows are
+appended, so the file ends equal to an uninterrupted run's. A fit that does not resume starts
+a fresh file, as Keras's ``CSVLogger`` does by default: its steps restart at 0, and two runs in
+one file would make every curve drawn from it wrong. ``append=False`` starts a fresh file
+even on resume.
 
 The file is flushed at every epoch end and on interruption, so a crash loses at most the
 current epoch's train rows; only process 0 writes.
@@ -74,9 +76,10 @@ class CSVLogger(Callback):
             return
         path = os.path.join(trainer.workdir or "", self.filename)
         columns, rows = list(BASE_COLUMNS), []
-        if trainer.resumed_from is not None and self.append and os.path.exists(path):
+        info = trainer.resume_info
+        if info is not None and self.append and os.path.exists(path):
             columns, rows = _read_rows(path)
-            rows = _rows_before(rows, columns, trainer.global_step, trainer.current_epoch)
+            rows = _rows_before(rows, columns, info.log_step, trainer.current_epoch)
         self.path = path
         self._columns = columns
         try:
@@ -186,9 +189,10 @@ def _read_rows(path: str) -> tuple[list[str], list[list[str]]]:
     return header, [r for r in lines[1:] if len(r) == len(header)]
 
 
-def _rows_before(rows: list[list[str]], columns: list[str], step: int, epoch: int) -> list:
-    """Rows a run resumed at ``step`` (in epoch ``epoch``) must keep: train rows up to the
-    checkpoint, and epoch rows of epochs that the resumed run will not end again."""
+def _rows_before(rows: list[list[str]], columns: list[str], log_step: int, epoch: int) -> list:
+    """Rows a resumed run (in epoch ``epoch``) must keep: train rows up to its last train log
+    (``log_step``, at or before the checkpoint's step), and epoch rows of the epochs it will
+    not end again."""
     i_step, i_epoch, i_kind = (columns.index(c) for c in BASE_COLUMNS)
     kept = []
     for r in rows:
@@ -196,7 +200,7 @@ def _rows_before(rows: list[list[str]], columns: list[str], step: int, epoch: in
             s, e = int(r[i_step]), int(r[i_epoch])
         except ValueError:
             continue
-        if s > step or (r[i_kind] == "epoch" and e >= epoch):
+        if (r[i_kind] == "epoch" and e >= epoch) or (r[i_kind] != "epoch" and s > log_step):
             continue
         kept.append(r)
     return kept

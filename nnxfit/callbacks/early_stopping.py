@@ -27,6 +27,7 @@ from flax import nnx
 from nnxfit.callbacks.base import Callback
 from nnxfit.callbacks.monitor import Monitor, announce
 from nnxfit.errors import ConfigError
+from nnxfit.module_leaves import live_leaves
 
 
 def _number(owner: str, name: str, value: Any, *, allow_none: bool = False) -> float | None:
@@ -210,11 +211,9 @@ class EarlyStopping(Callback):
                 stacklevel=2,
             )
             return
-        treedef, host, shardings = self._best_state
-        leaves = [
-            h if s is None else jax.device_put(h, s) for h, s in zip(host, shardings, strict=True)
-        ]
-        nnx.update(module, jax.tree.unflatten(treedef, leaves))
+        handles, host, shardings = self._best_state
+        for handle, h, s in zip(handles, host, shardings, strict=True):
+            handle.set_raw_value(h if s is None else jax.device_put(h, s))
         if self.verbose:
             announce(
                 trainer,
@@ -225,10 +224,12 @@ class EarlyStopping(Callback):
     def _snapshot(self, module, epoch: int) -> None:
         # A real copy: a NumPy view of a CPU buffer would pin it (donation then copies every
         # step) and dies with it. RNG state is left out: restoring it would replay randomness.
-        leaves, treedef = jax.tree.flatten(nnx.as_pure(nnx.state(module, nnx.Not(nnx.RngState))))
+        # Handles rather than nnx.update: plain array attributes, tuples too (module_leaves.py).
+        handles = live_leaves(module, nnx.state(module, nnx.Not(nnx.RngState)))
+        leaves = [h.get_raw_value() for h in handles]
         host = [np.array(x, copy=True) for x in leaves]
         shardings = [getattr(x, "sharding", None) for x in leaves]
-        self._best_state = (treedef, host, shardings)
+        self._best_state = (handles, host, shardings)
         self.best_epoch = epoch
 
     # ----------------------------------------------------------------------- state ---

@@ -8,12 +8,15 @@ Tags, all keyed by the global step (optimizer steps done), so every chart shares
 
 Each fit writes a new event file that starts with a ``SessionLog.START`` event, which makes
 TensorBoard hide the events of earlier files in the folder from that step on (the
-``purge_step`` of ``tensorboardX.SummaryWriter``): a resumed fit (``trainer.resumed_from``
+``purge_step`` of ``tensorboardX.SummaryWriter``): a resumed fit (``trainer.resume_info``
 set, continuing from step S) starts it at S + 1, so the events the interrupted run wrote after
-its checkpoint disappear and the curves show one run; a fresh fit starts it at 0, so an
-earlier run in the same folder is hidden rather than drawn over (the rule ``CSVLogger``
-follows; the old file stays on disk). File names end in a fixed-width nanosecond time, so
-two fits within one second never share a file and TensorBoard reads them in order.
+its checkpoint disappear and the curves show one run. When the earlier fit ended inside an
+epoch at S, it starts at S: that partial epoch's events (and an off-grid last train log) go,
+and a train log at S that the uninterrupted run also makes is written again. A fresh fit
+starts it at 0, so an earlier run in the same folder is hidden rather than drawn over (the
+rule ``CSVLogger`` follows; the old file stays on disk). File names end in a fixed-width
+nanosecond time, so two fits within one second never share a file and TensorBoard reads them in
+order.
 
 Events are written synchronously and flushed (to disk, ``fsync``) at every epoch end and on
 interruption; the file is closed at the end of fit, also when it ends with an exception.
@@ -60,10 +63,17 @@ class TensorBoardLogger(Callback):
                     "TensorBoardLogger(log_dir=...) or set Trainer(workdir=...)."
                 )
             log_dir = os.path.join(trainer.workdir, "tensorboard")
-        purge = trainer.global_step + 1 if trainer.resumed_from is not None else 0
+        info = trainer.resume_info
+        purge = info.superseded_from if info is not None else 0
         try:
             os.makedirs(log_dir, exist_ok=True)
             self._file = _EventFile(log_dir, purge)
+            # What the purge hid of the run the resumed one continues (a partial epoch end,
+            # an off-grid last log go) is written again: its last train log and epoch end.
+            if info is not None and info.log_step >= purge and info.logs:
+                self.on_train_batch_end(trainer, module, info.log_step, info.logs)
+            if info is not None and info.epoch_end and info.epoch_end[0] >= purge:
+                self._epoch_scalars(info.epoch_end[1], info.epoch_end[0])
         except OSError as e:
             raise ConfigError(
                 f"TensorBoardLogger cannot write to {log_dir!r}: {e.strerror or e}. Pass a "
@@ -78,11 +88,14 @@ class TensorBoardLogger(Callback):
     def on_train_epoch_end(self, trainer, module, epoch: int, logs: dict) -> None:
         if self._file is None:
             return
+        self._epoch_scalars(logs, trainer.global_step)
+        self._file.flush()
+
+    def _epoch_scalars(self, logs: dict, step: int) -> None:
         tags = {
             (f"val/{k[4:]}" if k.startswith("val_") else f"epoch/{k}"): v for k, v in logs.items()
         }
-        self._file.scalars(tags, trainer.global_step)
-        self._file.flush()
+        self._file.scalars(tags, step)
 
     def on_interrupt(self, trainer, module) -> None:
         if self._file is not None:
