@@ -48,5 +48,13 @@ class TrainingInterrupted(NnxfitError, KeyboardInterrupt):
         self.signum = signum
 
 
+class WorkdirLockedError(NnxfitError, RuntimeError):
+    """Another fit holds the workdir (``nnxfit.workdir``); the message names its pid and host."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder or {}
+
+
 class CallbackError(NnxfitError, RuntimeError):
     """Wraps nothing: kept for callbacks that want to fail with an nnxfit error."""

@@ -224,8 +224,13 @@ class ModelCheckpoint(Callback):
         if self._manager is None:
             return
         self._flush_pending(trainer)
-        self._save(trainer, {})
+        saved = self._save(trainer, {})
         self._wait()
+        from nnxfit.interrupt import notice
+
+        step = trainer.global_step
+        did = "saved" if saved else "had already saved"  # a save due at this very step
+        notice(trainer, f"ModelCheckpoint {did} step {step} to {self._path(step)}.")
 
     def on_exception(self, trainer, module, error: BaseException) -> None:
         self._failed = True  # keep the last complete checkpoint; write nothing new
