@@ -39,7 +39,8 @@ class TrainingInterrupted(NnxfitError, KeyboardInterrupt):
     """``fit`` stopped on SIGTERM or SIGINT after saving; resume with ``fit(..., resume=True)``.
 
     A ``KeyboardInterrupt`` subclass so that code which already stops cleanly on Ctrl-C
-    keeps doing so; ``except Exception`` does not swallow it.
+    keeps doing so; ``except Exception`` does not swallow it. Uncaught, it ends the process by
+    ``signum`` (a shell sees 130 or 143; ``nnxfit.interrupt``).
     """
 
     def __init__(self, message: str, step: int | None = None, signum: int | None = None):

@@ -11,7 +11,8 @@ When a checkpoint is taken:
   ``on_train_epoch_end``, the History row), at the start of the next epoch or the end of fit:
   it is the state from which the next epoch starts, so a resume never runs an epoch end twice.
   A step checkpoint due on the last call of an epoch waits for that epoch end the same way;
-* on SIGTERM/SIGINT (``on_interrupt``), at the current step, waiting until it is on disk;
+* on SIGTERM/SIGINT (``on_interrupt``), at the current step, waiting until it is on disk,
+  then saying where on stderr;
 * at the end of a fit that finished normally, when ``save_last`` and the last step is unsaved.
 
 Retention: orbax's preservation policy keeps the newest checkpoint (the resume point, always
