@@ -45,6 +45,7 @@ from nnxfit.data import (
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
 from nnxfit.module import TrainModule, attached, has_validation_step
+from nnxfit.pacing import DeviceQueue
 from nnxfit.placement import Placement
 from nnxfit.step import GATES, Carry, Programs, StepConfig, stack
 from nnxfit.workdir import lock_workdir
@@ -60,11 +61,10 @@ SPECULATE_MAX_BYTES = 1 << 20
 # the small benchmark MLP's state (0.3 MB) takes ~100 us on 2 CPU cores: 0.3 % at 256 steps.
 MARK_EVERY_N_STEPS = 256
 MARK_MAX_BATCH_BYTES = 64 << 20
-# During fit, the host lets validation run ahead of the device by about this many seconds of
-# queued batches, so that a signal stops it after those rather than after every batch the
-# host had sent; it looks every ``VAL_CHECK_EVERY`` batches (~3 us a look).
+# During fit, validation keeps about this many seconds of batches queued on the device
+# (``pacing.DeviceQueue``), so that a signal stops it after those rather than after every
+# batch the host had sent.
 VAL_MAX_LAG_S = 0.1
-VAL_CHECK_EVERY = 4
 
 
 class _Event(NamedTuple):
@@ -742,11 +742,10 @@ class Trainer:
         acc = None
         spec = None
         # During fit a signal cuts a validation short (``_interrupt``; its metrics are never
-        # logged). A batch's running count (not donated) tells when the device has done it;
-        # the host waits when the oldest batch not done was sent ``VAL_MAX_LAG_S`` ago, so a
-        # stop waits for about that much queued work. A device that keeps up costs no wait.
+        # logged), and the host queues only ``VAL_MAX_LAG_S`` of batches (a batch's running
+        # count, not donated, is ready once the device has done it): a stop waits for those.
         watch = self.fitting
-        in_flight: collections.deque = collections.deque()  # (count, time sent)
+        queue = DeviceQueue(VAL_MAX_LAG_S, wait=wait_ready) if watch else None
         for i, batch in enumerate(epoch_batches(data, 0, limit=self.limit_val_batches)):
             if watch and self._signal is not None:
                 self._interrupt()
@@ -759,13 +758,8 @@ class Trainer:
                 spec.check(batch, i)
             for part in self.placement.eval_parts(batch):  # one part unless on a mesh
                 acc = programs.eval_batch(module_leaves, acc, part.batch)
-            if watch and i % VAL_CHECK_EVERY == 0:
-                now = time.perf_counter()
-                in_flight.append((acc[1], now))
-                if now - in_flight[0][1] > VAL_MAX_LAG_S:
-                    wait_ready([in_flight[0][0]])
-                while in_flight and in_flight[0][0].is_ready():
-                    in_flight.popleft()
+            if queue is not None:
+                queue.sent(acc[1])
         if acc is None:
             raise EmptyDataError("validation data yielded no batch; pass a non-empty loader.")
         wait_ready(jax.tree.leaves(acc))
