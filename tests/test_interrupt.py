@@ -9,11 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from models import Classifier, toy_data
 
 import nnxfit
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
@@ -117,6 +120,47 @@ def test_with_steps_per_execution_the_call_being_gathered_is_never_sent(tmp_path
         f"{ckpts / '4'}. Resume with trainer.fit(..., resume=True)."
     )
     assert read_meta(ckpts)["batch_in_epoch"] == 4
+
+
+class SlowValidation(Classifier):
+    """A validation batch keeps the device busy for tens of ms (0.5 GFLOP)."""
+
+    def validation_step(self, batch):
+        x, _ = batch
+        h = jnp.tile(x.reshape(-1), 512 * 512 // x.size + 1)[: 512 * 512].reshape(512, 512)
+        for _ in range(2):
+            h = jnp.tanh(h @ h)
+        out = super().validation_step(batch)
+        return {**out, "loss": out["loss"] + 1e-30 * h.mean()}
+
+
+class SignalSoonAfter:
+    """Yields ``loader``'s batches, counting them; 0.1 s after yielding batch ``at`` (the first
+    batches compile), sends this process SIGTERM from a timer thread."""
+
+    def __init__(self, loader, at):
+        self.loader, self.at, self.yielded = loader, at, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, b in enumerate(self.loader.iter_epoch(0)):
+            if i == self.at:
+                threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            self.yielded += 1
+            yield b
+
+
+def test_a_signal_in_a_long_validation_waits_only_for_the_few_batches_queued():
+    # 64 slow validation batches. The host sends one in microseconds: unpaced, all 64
+    # (seconds of work) are queued on the device long before the signal, and it waits for all.
+    x, y = toy_data(256)
+    val = SignalSoonAfter(ArrayLoader((x, y), 4), at=8)
+    trainer = nnxfit.Trainer(max_epochs=1, limit_train_batches=2, progress_bar=False)
+    with pytest.raises(nnxfit.TrainingInterrupted):
+        trainer.fit(SlowValidation(), ArrayLoader((x, y), 16), val)
+    assert val.yielded < 24  # a few batches ahead of the device (pacing.DeviceQueue)
 
 
 class SignalAtEpochEnd(nnxfit.Callback):
