@@ -19,6 +19,7 @@ from nnxfit.errors import (
     NonFiniteError,
     StepOutputError,
     TrainingInterrupted,
+    WorkdirLockedError,
 )
 from nnxfit.history import History
 from nnxfit.module import TrainModule
@@ -45,6 +46,7 @@ __all__ = [
     "Trainer",
     "TrainModule",
     "TrainingInterrupted",
+    "WorkdirLockedError",
     "__version__",
     "enable_compilation_cache",
     "load_checkpoint",

@@ -336,7 +336,22 @@ def trainer_options(trainer) -> dict:
     mesh = getattr(trainer, "mesh", None)
     out["mesh"] = dict(mesh.shape) if mesh is not None else None
     out["num_devices"] = jax.device_count()
+    out["loader"] = _loader_options(getattr(trainer, "train_data", None))
     return json.loads(json.dumps(out, default=str))
+
+
+def _loader_options(data: Any) -> dict | None:
+    """An ``ArrayLoader``'s settings: the order of its batches follows from them."""
+    from nnxfit.data import ArrayLoader
+
+    if not isinstance(data, ArrayLoader):
+        return None
+    return {
+        "seed": data.seed,
+        "shuffle": data.shuffle,
+        "batch_size": data.batch_size,
+        "drop_last": data.drop_last,
+    }
 
 
 def _json_float(v: Any) -> Any:
@@ -581,12 +596,34 @@ def resume_fit(trainer, resume: Any) -> None:
 
 
 def _warn_on_drift(meta: dict, trainer) -> None:
-    old, new = meta.get("trainer", {}), trainer_options(trainer)
+    """Warns (``ResumeWarning``, at the user's ``fit`` line) about what differs from the run
+    that saved the checkpoint: options the resumed fit uses although they change its numbers,
+    and the ``ArrayLoader`` seed, which the checkpoint's loader state overrides. ``trainer.
+    _requested_options`` are the options as given, taken before the restore."""
+    from nnxfit.userwarn import warn_user
+
+    old = meta.get("trainer", {})
+    new = getattr(trainer, "_requested_options", None) or trainer_options(trainer)
     changed = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in EXACTNESS_OPTIONS
         if k in old and old.get(k) != new.get(k)
     ]
+    old_l, new_l = old.get("loader") or {}, new.get("loader") or {}
+    changed += [
+        f"ArrayLoader {k}: {old_l[k]!r} -> {new_l[k]!r}"
+        for k in ("shuffle", "drop_last")
+        if k in old_l and k in new_l and old_l[k] != new_l[k]
+    ]
+    # Without a mesh a fit runs on one device, however many there are; with one, its shape
+    # decides how batches split and how gradients are summed.
+    if "mesh" in old and (old.get("mesh") or new.get("mesh")):
+        old_n, new_n = old.get("num_devices"), new.get("num_devices")
+        if old.get("mesh") != new.get("mesh") or old_n != new_n:
+            changed.append(
+                f"mesh: {old.get('mesh')} on {old_n} device(s) -> {new.get('mesh')} on "
+                f"{new_n} device(s)"
+            )
     old_v, new_v = meta.get("versions", {}), versions()
     changed += [
         f"{k} {old_v[k]} -> {new_v.get(k)}"
@@ -594,12 +631,20 @@ def _warn_on_drift(meta: dict, trainer) -> None:
         if k in old_v and old_v[k] != new_v.get(k)
     ]
     if changed:
-        warnings.warn(
+        warn_user(
             f"resuming {trainer.resumed_from} with settings that differ from the run that "
-            f"saved it ({'; '.join(changed)}); training continues, but not bit for bit as the "
-            "uninterrupted run would have.",
+            f"saved it ({'; '.join(changed)}); training continues with the new settings, but "
+            "not bit for bit as the uninterrupted run would have.",
             ResumeWarning,
-            stacklevel=5,
+        )
+    if "seed" in old_l and "seed" in new_l and old_l["seed"] != new_l["seed"]:
+        seed = old_l["seed"]
+        warn_user(
+            f"resuming {trainer.resumed_from}: the ArrayLoader has seed={new_l['seed']!r} but "
+            f"the checkpoint's loader state has seed={seed!r}; the checkpoint's seed {seed!r} "
+            "is used, so the batches continue in the saved run's order. To shuffle with "
+            f"seed={new_l['seed']!r}, start a fresh fit (resume=False) or use another workdir.",
+            ResumeWarning,
         )
 
 

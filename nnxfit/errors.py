@@ -39,13 +39,22 @@ class TrainingInterrupted(NnxfitError, KeyboardInterrupt):
     """``fit`` stopped on SIGTERM or SIGINT after saving; resume with ``fit(..., resume=True)``.
 
     A ``KeyboardInterrupt`` subclass so that code which already stops cleanly on Ctrl-C
-    keeps doing so; ``except Exception`` does not swallow it.
+    keeps doing so; ``except Exception`` does not swallow it. Uncaught, it ends the process by
+    ``signum`` (a shell sees 130 or 143; ``nnxfit.interrupt``).
     """
 
     def __init__(self, message: str, step: int | None = None, signum: int | None = None):
         super().__init__(message)
         self.step = step
         self.signum = signum
+
+
+class WorkdirLockedError(NnxfitError, RuntimeError):
+    """Another fit holds the workdir (``nnxfit.workdir``); the message names its pid and host."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder or {}
 
 
 class CallbackError(NnxfitError, RuntimeError):

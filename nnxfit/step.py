@@ -161,7 +161,9 @@ class Programs:
         # Speculating, the train programs run ungated (``StepConfig.speculate``).
         self.train_single, self.train_multi = self._train_jits(None if config.speculate else "cond")
         self._gated: tuple | None = None
-        self.eval_batch = jax.jit(self._eval, donate_argnums=1)
+        # The metric sums are not donated: a few scalars, and the Trainer keeps the last few
+        # to tell which validation batches the device has finished (``_run_validation``).
+        self.eval_batch = jax.jit(self._eval)
         self.predict_batch = jax.jit(self._predict)
 
     def pin_shardings(self, shardings: list) -> None:

@@ -19,7 +19,6 @@ import itertools
 import math
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nnxfit import interrupt
 from nnxfit.callbacks.base import Callback, CallbackList
 from nnxfit.data import (
     ArrayLoader,
@@ -46,9 +46,11 @@ from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
 from nnxfit.module import TrainModule, attached, has_validation_step
 from nnxfit.module_leaves import live_leaves
+from nnxfit.pacing import DeviceQueue
 from nnxfit.placement import Placement
 from nnxfit.resume_point import ResumeInfo, Trail, capture, step_of
 from nnxfit.step import GATES, Carry, Programs, StepConfig, stack
+from nnxfit.workdir import lock_workdir
 
 PRECISIONS = ("float32", "bfloat16")
 # Up to this much state (params, other variables, optimizer), the programs run ungated under
@@ -61,6 +63,10 @@ SPECULATE_MAX_BYTES = 1 << 20
 # the small benchmark MLP's state (0.3 MB) takes ~100 us on 2 CPU cores: 0.3 % at 256 steps.
 MARK_EVERY_N_STEPS = 256
 MARK_MAX_BATCH_BYTES = 64 << 20
+# During fit, validation keeps about this many seconds of batches queued on the device
+# (``pacing.DeviceQueue``), so that a signal stops it after those rather than after every
+# batch the host had sent.
+VAL_MAX_LAG_S = 0.1
 
 
 class _Event(NamedTuple):
@@ -208,6 +214,7 @@ class Trainer:
         self._leaves: list | None = None
         self._journal: collections.deque | None = None  # calls to re-run (speculation)
         self._signal: int | None = None
+        self._stop_step = self._send_step = 0  # see ``interrupt.handlers`` and ``_run_calls``
         self._eval_cache: dict = {}
         # Where the fit ended, once it ended inside an epoch (``resume_point.py``), and what
         # it takes to compute: the recent logs, and the resumed run's grid of logs and calls.
@@ -235,32 +242,40 @@ class Trainer:
         self.cb = CallbackList(
             self._default_callbacks() + self.callbacks + list(module.configure_callbacks() or [])
         )
-        self._setup_fit(module, train_data, val_data, first)
-        if resume:
-            self._resume(resume)
-        if self.workdir is not None and self.is_global_zero and not self.fast_dev_run:
-            os.makedirs(self.workdir, exist_ok=True)
+        # One fit per workdir, from before a checkpoint is read until the last one is written.
+        with lock_workdir(self):
+            self._setup_fit(module, train_data, val_data, first)
+            if resume:
+                self._resume(resume)
+            if self.workdir is not None and self.is_global_zero and not self.fast_dev_run:
+                os.makedirs(self.workdir, exist_ok=True)
 
-        self.fitting = True
-        finished = False
-        with self._signal_handlers():
-            try:
-                self._hook("on_fit_start")
-                self._train_loop()
-                finished = True
-            except TrainingInterrupted:
-                raise
-            except BaseException as e:
-                self._sync_to_module(allow_deleted=True)
-                self._hook("on_exception", e, guard=True)
-                raise
-            finally:
-                self.fitting = False
-                self._sync_to_module(allow_deleted=True)
-                module.eval()
-                # After a normal fit an on_fit_end failure (a final checkpoint that could not
-                # be written) reaches the caller, once every callback has cleaned up.
-                self._hook("on_fit_end", guard=not finished, defer=finished)
+            self.fitting = True
+            finished = False
+            self.dispatch_step = self._send_step = self.global_step  # what a signal reports
+            self.dispatch_epoch = self.current_epoch
+            with self._signal_handlers():
+                try:
+                    self._hook("on_fit_start")
+                    self._train_loop()
+                    finished = True
+                except TrainingInterrupted:
+                    raise
+                except BaseException as e:
+                    self._sync_to_module(allow_deleted=True)
+                    self._hook("on_exception", e, guard=True)
+                    raise
+                finally:
+                    self.fitting = False
+                    self._sync_to_module(allow_deleted=True)
+                    module.eval()
+                    # After a normal fit an on_fit_end failure (a final checkpoint that could
+                    # not be written) reaches the caller, once every callback has cleaned up.
+                    self._hook("on_fit_end", guard=not finished, defer=finished)
+                if self._signal is not None:
+                    # It came after the last step: the fit finished and saved, and the process
+                    # still stops, as the signal asked.
+                    raise interrupt.interrupted(self, after_last_step=True)
         return self.history
 
     @_attach
@@ -374,7 +389,9 @@ class Trainer:
         public counters move as the events are delivered."""
         self.dispatch_step, self.dispatch_epoch = self.global_step, self.current_epoch
         batch = self.batch_in_epoch
-        while not self._dispatch_done():
+        # A signal is acted on before the next call is sent (``_run_calls``), before an epoch
+        # starts and after one ends: never a call more than those already on the device.
+        while not self._dispatch_done() and self._signal is None:
             epoch = self.dispatch_epoch
             yield _Event("start", epoch, barrier=self._sync("on_train_epoch_start", "epoch_start"))
             stopped = False
@@ -387,13 +404,15 @@ class Trainer:
                     mark = self._take_mark()
                     yield _Event("call", epoch, n_steps, n_batches, snap, sync, mark)
                     if self._signal is not None:
-                        yield _Event("interrupt", epoch, barrier=True)
+                        break
                     if self.should_stop or self._steps_done(self.dispatch_step):
                         stopped = True
                         break
                 else:
-                    if batch == 0:
+                    if batch == 0 and self._signal is None:
                         raise EmptyDataError(f"train data yielded no batch in epoch {epoch}.")
+            if self._signal is not None:
+                break
             # Validation and the last epoch end wait for every hook before anything else runs.
             sync = self.val_data is not None or self._dispatch_done(after_epoch=True)
             sync = sync or self._sync("on_train_epoch_end", "epoch_end")
@@ -404,6 +423,8 @@ class Trainer:
             yield _Event("end", epoch, snap=snap, barrier=sync, mark=mark, partial=partial)
             self.dispatch_epoch += 1
             batch = 0
+        if self._signal is not None:
+            yield _Event("interrupt", self.dispatch_epoch, barrier=True)
 
     def _deliver(self, ev: _Event) -> None:
         calls = self._trail.calls  # where calls ended, under NaNGuard("stop") only
@@ -456,6 +477,12 @@ class Trainer:
                 if item is None:
                     return
                 kind, batch, n_steps, n_batches = item
+                # From here this call counts in the step a signal handler says the fit stops
+                # after; a signal that came before (the handler's step is not past the calls
+                # sent) stops the epoch here, the call unsent.
+                self._send_step = self.dispatch_step + n_steps
+                if self._signal is not None and self.dispatch_step >= self._stop_step:
+                    return
                 single, multi = self._calls
                 self._leaves = (single if kind == "single" else multi)(self._leaves, batch)
                 if self._journal is not None:
@@ -764,7 +791,14 @@ class Trainer:
     def _run_validation(self, programs: Programs, module_leaves: list, data: Any) -> dict:
         acc = None
         spec = None
+        # During fit a signal cuts a validation short (``_interrupt``; its metrics are never
+        # logged), and the host queues only ``VAL_MAX_LAG_S`` of batches (a batch's running
+        # count, not donated, is ready once the device has done it): a stop waits for those.
+        watch = self.fitting
+        queue = DeviceQueue(VAL_MAX_LAG_S, wait=wait_ready) if watch else None
         for i, batch in enumerate(epoch_batches(data, 0, limit=self.limit_val_batches)):
+            if watch and self._signal is not None:
+                self._interrupt()
             if spec is None:
                 spec = BatchSpec(batch, "validation")
                 names = programs.eval_metric_names(module_leaves, batch)
@@ -774,6 +808,8 @@ class Trainer:
                 spec.check(batch, i)
             for part in self.placement.eval_parts(batch):  # one part unless on a mesh
                 acc = programs.eval_batch(module_leaves, acc, part.batch)
+            if queue is not None:
+                queue.sent(acc[1])
         if acc is None:
             raise EmptyDataError("validation data yielded no batch; pass a non-empty loader.")
         wait_ready(jax.tree.leaves(acc))
@@ -924,8 +960,11 @@ class Trainer:
         return out
 
     def _resume(self, resume) -> None:
-        from nnxfit.checkpoint import resume_fit
+        from nnxfit.checkpoint import resume_fit, trainer_options
 
+        # As given, before the checkpoint's loader state replaces the loader's seed: a
+        # resume warns about what differs (``checkpoint._warn_on_drift``).
+        self._requested_options = trainer_options(self)
         resume_fit(self, resume)
 
     # ================================================================ state and module ===
@@ -1089,34 +1128,13 @@ class Trainer:
         )
 
     def _interrupt(self) -> None:
-        signum = self._signal
+        """Every hook has run for the state on the device: save (``on_interrupt``), then
+        raise ``TrainingInterrupted`` naming the step and the checkpoint."""
         self._hook("on_interrupt")
-        name = signal.Signals(signum).name if signum else "signal"
-        raise TrainingInterrupted(
-            f"{name} received at step {self.global_step} (epoch {self.current_epoch}, batch "
-            f"{self.batch_in_epoch}); state saved where a ModelCheckpoint is attached. Resume "
-            "with trainer.fit(..., resume=True).",
-            step=self.global_step,
-            signum=signum,
-        )
+        raise interrupt.interrupted(self)
 
-    @contextlib.contextmanager
     def _signal_handlers(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C stops at once
-            self._signal = signum
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+        return interrupt.handlers(self)  # SIGTERM/SIGINT, see nnxfit/interrupt.py
 
     # ======================================================================= checks ===
     @staticmethod

@@ -179,6 +179,7 @@ def snapshot(path):
         )
         for r, _, files in os.walk(path)
         for f in files
+        if not f.startswith(".nnxfit.lock")  # each fit takes the workdir's lock (workdir.py)
     )
 
 

@@ -11,7 +11,8 @@ When a checkpoint is taken:
   ``on_train_epoch_end``, the History row), at the start of the next epoch or the end of fit:
   it is the state from which the next epoch starts, so a resume never runs an epoch end twice.
   A step checkpoint due on the last call of an epoch waits for that epoch end the same way;
-* on SIGTERM/SIGINT (``on_interrupt``), at the current step, waiting until it is on disk;
+* on SIGTERM/SIGINT (``on_interrupt``), at the current step, waiting until it is on disk,
+  then saying where on stderr;
 * at the end of a fit that finished normally, when ``save_last`` and the last step is unsaved.
 
 What a checkpoint holds is ``Trainer.checkpoint_state()``: the live state, except once a fit
@@ -231,8 +232,13 @@ class ModelCheckpoint(Callback):
         if self._manager is None:
             return
         self._flush_pending(trainer)
-        self._save(trainer, {})
+        saved = self._save(trainer, {})
         self._wait()
+        from nnxfit.interrupt import notice
+
+        step = trainer.global_step
+        did = "saved" if saved else "had already saved"  # a save due at this very step
+        notice(trainer, f"ModelCheckpoint {did} step {step} to {self._path(step)}.")
 
     def on_exception(self, trainer, module, error: BaseException) -> None:
         self._failed = True  # keep the last complete checkpoint; write nothing new

@@ -2,9 +2,15 @@
 
 Usage: python train_and_signal.py MODE WORKDIR [OUT]
 
-* ``signal``: trains with a ModelCheckpoint; after step ``MARK_STEP`` writes WORKDIR/marker and
-  then slows to ``SLOW`` seconds per step until the test's SIGTERM arrives. The interrupted
-  fit raises ``nnxfit.TrainingInterrupted``, uncaught: the exit a user's script would see.
+* ``signal``: trains with a ModelCheckpoint; after step ``MARK_STEP`` writes its pid to
+  WORKDIR/marker and then slows to ``SLOW`` seconds per step until the test's SIGTERM or SIGINT
+  arrives. The interrupted fit raises ``nnxfit.TrainingInterrupted``, uncaught: the exit a
+  user's script would see.
+* ``twice``: ``signal`` with the 64 MiB module of ``killsave`` and ``every_n_steps=4``, so that
+  the save on interruption lasts long enough for the test's second SIGINT to land during it.
+* ``atend``: sends itself SIGTERM from ``on_fit_end``, before ModelCheckpoint's final save.
+* ``hold``: ``signal`` without a checkpoint and 10x slower, for a test that needs a fit holding
+  WORKDIR while it tries another.
 * ``killsave``: a module with a 64 MiB buffer and ``ModelCheckpoint(every_n_steps=4)``; right
   after the save of step 8 has started writing (its tmp folder exists), SIGKILLs itself.
 * ``resume``: ``fit(..., resume=True)``, writes the final train state to OUT (.npz) and the
@@ -78,15 +84,24 @@ def state_arrays(trainer) -> list[np.ndarray]:
 class Marker(nnxfit.Callback):
     reads_module = False
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, slow=SLOW):
+        self.path, self.slow = path, slow
 
     def on_train_batch_end(self, trainer, module, step, logs):
         if step >= MARK_STEP:
             if not os.path.exists(self.path):
-                with open(self.path, "w") as f:
-                    f.write(str(step))
-            time.sleep(SLOW)
+                with open(self.path + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(self.path + ".tmp", self.path)  # never seen half-written
+            time.sleep(self.slow)
+
+
+class TermAtFitEnd(nnxfit.Callback):
+    order = 10  # before ModelCheckpoint (50) writes the final checkpoint
+    reads_module = False
+
+    def on_fit_end(self, trainer, module):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class KillDuringSave(nnxfit.Callback):
@@ -113,14 +128,25 @@ class KillDuringSave(nnxfit.Callback):
 
 def main(argv):
     mode, workdir = argv[1], argv[2]
-    if mode == "signal":
+    if mode in ("signal", "twice", "hold"):
+        big = mode == "twice"
+        ckpt = {"signal": [ModelCheckpoint()], "twice": [ModelCheckpoint(every_n_steps=4)]}
         trainer = nnxfit.Trainer(
             workdir=workdir,
-            callbacks=[ModelCheckpoint(), Marker(os.path.join(workdir, "marker"))],
+            callbacks=[
+                *ckpt.get(mode, []),
+                Marker(os.path.join(workdir, "marker"), slow=10 * SLOW if mode == "hold" else SLOW),
+            ],
             **FIT,
         )
-        trainer.fit(make_module(), train_data(), val_data())
+        trainer.fit(make_module(big=big), train_data(), val_data())
         sys.exit(5)  # finished without being interrupted
+    if mode == "atend":
+        trainer = nnxfit.Trainer(
+            workdir=workdir, callbacks=[ModelCheckpoint(), TermAtFitEnd()], **FIT
+        )
+        trainer.fit(make_module(), train_data(), val_data())
+        sys.exit(5)  # the fit returned: the SIGTERM was swallowed
     if mode == "killsave":
         trainer = nnxfit.Trainer(
             workdir=workdir,

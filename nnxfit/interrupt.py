@@ -1,0 +1,192 @@
+"""What ``fit`` does on SIGTERM and SIGINT (Ctrl-C).
+
+* The first signal sets ``Trainer._signal`` and says at once, on stderr, what will happen:
+  the step the fit stops after and where it saves. The loop checks the flag before it sends
+  each jitted call, around every epoch end and between validation batches. The calls already
+  sent finish (the device cannot stop mid-program; with ``steps_per_execution=K`` that is
+  the K-step call in flight), their hooks run, ``on_interrupt`` saves (``ModelCheckpoint``),
+  and ``fit`` raises ``TrainingInterrupted``. A validation cut short logs nothing; the
+  checkpoint is the state before that epoch end, which a resume then runs again. A signal
+  after the last step (during the final save) lets the fit finish and save, then raises.
+* A second SIGINT aborts: ``KeyboardInterrupt`` from wherever the main thread is, with the
+  default handler back for a third, which kills the process. Orbax writes a checkpoint into a
+  ``*.orbax-checkpoint-tmp`` folder and renames it once complete, so an abort or a kill during
+  a save leaves that tmp folder (ignored, removed by the next fit) and every complete
+  checkpoint as it was.
+* Uncaught, ``TrainingInterrupted`` ends the process by its signal, as CPython does for an
+  uncaught ``KeyboardInterrupt``, so a shell sees 130 (SIGINT) or 143 (SIGTERM) and a
+  scheduler sees the signal. Caught, it is an ordinary exception and changes nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+from nnxfit.errors import TrainingInterrupted
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def handlers(trainer):
+    """Installs the fit's SIGTERM/SIGINT handlers (main thread only) and restores the
+    previous ones on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal.signal works only there; Python delivers signals to the main thread
+        return
+
+    def handler(signum, frame):
+        if trainer._signal is None:
+            # The step the loop stops after: every call sent, and the one being sent
+            # (``Trainer._run_calls`` checks this against its own count).
+            trainer._stop_step = max(trainer.dispatch_step, trainer._send_step)
+            trainer._signal = signum
+            notice(trainer, _stop_notice(trainer, signum))
+        elif signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a third one kills at once
+            notice(
+                trainer,
+                "second SIGINT: aborting. Every complete checkpoint stays intact (a save "
+                "under way completes or is discarded); Ctrl-C once more kills the process.",
+            )
+            raise KeyboardInterrupt
+        # A repeated SIGTERM changes nothing: the fit is already stopping.
+
+    old = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            if h is not None:  # None: a handler not set from Python, which we cannot restore
+                signal.signal(s, h)
+
+
+def notice(trainer, text: str) -> None:
+    """One line on stderr (process 0 only). Safe inside a signal handler: a handler that
+    interrupts a write to stderr cannot write through the same buffer, so it falls back to
+    the file descriptor."""
+    if not getattr(trainer, "is_global_zero", True):
+        return
+    line = f"nnxfit: {text}\n"
+    try:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    except (RuntimeError, OSError, ValueError, AttributeError):
+        with contextlib.suppress(OSError):
+            os.write(2, line.encode())
+
+
+def position(trainer, epoch: int, batch: int | None = None) -> str:
+    """``epoch 2 of 3, batch 5 of 7``: epochs counted from 1, as the progress bar shows them
+    (hooks still get 0-based ``epoch``)."""
+    from nnxfit.callbacks.progress import epochs_total
+
+    total = epochs_total(trainer)
+    where = f"epoch {epoch + 1}" + (f" of {total}" if total else "")
+    if batch is None:
+        return where
+    nb = getattr(trainer, "_n_train_batches", None)
+    if batch == 0 and epoch > 0:
+        return f"after epoch {epoch}" + (f" of {total}" if total else "")
+    return f"{where}, batch {batch}" + (f" of {nb}" if nb else "")
+
+
+def checkpoint_dirs(trainer) -> list[str]:
+    """Where the fit's ``ModelCheckpoint``s save (none under ``fast_dev_run``)."""
+    from nnxfit.callbacks.checkpoint import ModelCheckpoint
+
+    if trainer.fast_dev_run:
+        return []
+    return [
+        c.directory
+        for c in trainer.cb
+        if isinstance(c, ModelCheckpoint) and c.directory is not None
+    ]
+
+
+def _name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "signal"
+
+
+def _stop_notice(trainer, signum: int) -> str:
+    name = _name(signum)
+    if not trainer.fitting:
+        return (
+            f"{name} received after the last step ({trainer.global_step}): the fit finishes "
+            "its final save, then stops."
+        )
+    epoch = trainer.dispatch_epoch if trainer.dispatch_epoch is not None else 0
+    text = f"{name} received: stopping after step {trainer._stop_step} ({position(trainer, epoch)})"
+    dirs = checkpoint_dirs(trainer)
+    if dirs:
+        text += f" and saving a checkpoint to {', '.join(dirs)}"
+    else:
+        text += "; no ModelCheckpoint is attached, so nothing is saved"
+    if signum == signal.SIGINT:
+        text += ". Press Ctrl-C again to abort at once, without saving"
+    return text + "."
+
+
+def interrupted(trainer, after_last_step: bool = False) -> TrainingInterrupted:
+    """The ``TrainingInterrupted`` that ``fit`` raises, its message naming the step, the
+    place in the fit (epochs from 1) and the checkpoint written."""
+    signum, step = trainer._signal, trainer.global_step
+    name = _name(signum)
+    saved = [
+        os.path.join(d, str(step))
+        for d in checkpoint_dirs(trainer)
+        if os.path.isdir(os.path.join(d, str(step)))
+    ]
+    if after_last_step:
+        message = (
+            f"{name} received after the last step ({step}, "
+            f"{position(trainer, max(trainer.current_epoch - 1, 0))}): the fit had finished"
+            + (f"; its final checkpoint is {', '.join(saved)}." if saved else ".")
+        )
+    else:
+        where = position(trainer, trainer.current_epoch, trainer.batch_in_epoch)
+        message = f"{name}: stopped after step {step} ({where}); " + (
+            f"checkpoint saved to {', '.join(saved)}. Resume with trainer.fit(..., resume=True)."
+            if saved
+            else "nothing was saved (attach a ModelCheckpoint to save on interruption)."
+        )
+    exit_by_signal_when_uncaught()
+    return TrainingInterrupted(message, step=step, signum=signum)
+
+
+_exit_hook_installed = False
+
+
+def exit_by_signal_when_uncaught() -> None:
+    """From now on, a ``TrainingInterrupted`` that nothing catches ends the process by its
+    signal once Python has shut down (``atexit``), after the usual traceback: what CPython
+    does by itself only for an exact ``KeyboardInterrupt``. Installed once, the first time a
+    fit is interrupted; interactive sessions are left alone."""
+    global _exit_hook_installed
+    if _exit_hook_installed:
+        return
+    _exit_hook_installed = True
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        previous(kind, value, tb)
+        signum = getattr(value, "signum", None)
+        interactive = hasattr(sys, "ps1") or sys.flags.interactive
+        if isinstance(value, TrainingInterrupted) and signum in SIGNALS and not interactive:
+            atexit.register(_die_by, signum)
+
+    sys.excepthook = excepthook
+
+
+def _die_by(signum: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+    os._exit(128 + signum)  # only if the signal is blocked in this thread
