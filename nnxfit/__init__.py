@@ -21,6 +21,7 @@ from nnxfit.errors import (
     TrainingInterrupted,
 )
 from nnxfit.history import History
+from nnxfit.modes import FrozenStatsCheck, TrainModeWarning, eval_mode
 from nnxfit.module import TrainModule
 from nnxfit.trainer import Trainer
 
@@ -36,6 +37,7 @@ __all__ = [
     "CompileWatch",
     "ConfigError",
     "EmptyDataError",
+    "FrozenStatsCheck",
     "History",
     "NnxfitError",
     "NonFiniteError",
@@ -44,9 +46,11 @@ __all__ = [
     "StepOutputError",
     "Trainer",
     "TrainModule",
+    "TrainModeWarning",
     "TrainingInterrupted",
     "__version__",
     "enable_compilation_cache",
+    "eval_mode",
     "load_checkpoint",
     "read_meta",
 ]
