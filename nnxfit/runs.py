@@ -27,7 +27,14 @@ import jax
 
 from nnxfit.callbacks.monitor import announce
 
-RUN_FILES = ("metrics.csv", "checkpoints", "tensorboard", "plots", "profile")
+# name -> whether nnxfit writes it as a folder (True) or a file (False).
+RUN_FILES = {
+    "metrics.csv": False,
+    "checkpoints": True,
+    "tensorboard": True,
+    "plots": True,
+    "profile": True,
+}
 RUN_PREFIXES = ("checkpoints.previous-", "checkpoints.corrupt-")
 VERSION = re.compile(r"^version_(\d+)$")
 
@@ -57,9 +64,12 @@ def begin_run(trainer, refit: bool) -> None:
 
 
 def run_files(trainer) -> list[str]:
-    """Top-level names in the workdir that belong to a run (see the module docstring)."""
+    """Top-level names in the workdir that belong to a run (see the module docstring): each
+    of the kind nnxfit writes there, so that a stray file named like a folder nnxfit would
+    write (a broken setup, reported by the callback that cannot write) is not taken for a
+    run."""
     workdir = trainer.workdir
-    names = set(RUN_FILES)
+    kinds = dict(RUN_FILES)
     for cb in getattr(trainer, "cb", None) or []:
         if not type(cb).__module__.startswith("nnxfit."):
             continue  # a user's attribute named like these may point at anything
@@ -70,12 +80,16 @@ def run_files(trainer) -> list[str]:
             full = os.path.normpath(os.path.join(workdir, path))
             rel = os.path.relpath(full, os.path.normpath(workdir))
             if rel != "." and not rel.startswith(".."):
-                names.add(rel.split(os.sep)[0])
+                parts = rel.split(os.sep)
+                kinds[parts[0]] = len(parts) > 1 or attr != "filename"
     found = []
     for name in sorted(os.listdir(workdir)):
         if VERSION.match(name):
             continue
-        if name in names or name.startswith(RUN_PREFIXES):
+        path = os.path.join(workdir, name)
+        if name.startswith(RUN_PREFIXES) and os.path.isdir(path):
+            found.append(name)
+        elif name in kinds and os.path.isdir(path) == kinds[name]:
             found.append(name)
     return found
 

@@ -345,7 +345,9 @@ def test_the_sanity_check_changes_nothing_and_its_compile_is_reused(tmp_path):
 
 # ------------------------------------------------------- warnings at the user's line ---
 def test_warnings_point_at_the_users_fit_call():
-    t = trainer(max_epochs=1, callbacks=[GradNormMonitor(min_norm=None, max_norm=1e-9)], log_every_n_steps=1)
+    t = trainer(
+        max_epochs=1, callbacks=[GradNormMonitor(min_norm=None, max_norm=1e-9)], log_every_n_steps=1
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         t.fit(Classifier(), (X, Y))  # the line the warning names
