@@ -908,7 +908,8 @@ class Trainer:
             out.append(CompileWatch())  # logs compile times, warns on a mid-fit recompile
         from nnxfit.modes import FrozenStatsCheck
 
-        out.append(FrozenStatsCheck())  # warns when BatchNorm statistics never move
+        if not any(isinstance(c, FrozenStatsCheck) for c in user):
+            out.append(FrozenStatsCheck())  # warns when BatchNorm statistics never move
         return out
 
     def eval_mode(self, module: TrainModule):

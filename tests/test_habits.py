@@ -448,6 +448,6 @@ def test_eval_mode_restores_variables_and_flags_outside_a_fit():
     with nnxfit.eval_mode(m):
         assert m.net.drop.deterministic
         m(X)
-        m.net.bn.mean.value = m.net.bn.mean.value + 1.0
+        m.net.bn.mean[...] = m.net.bn.mean[...] + 1.0
     assert same(arrays(m), before)
     assert m.net.drop.deterministic is False and m.net.bn.use_running_average is True
