@@ -22,6 +22,7 @@ from nnxfit.errors import (
     WorkdirLockedError,
 )
 from nnxfit.history import History
+from nnxfit.modes import FrozenStatsCheck, TrainModeWarning, eval_mode
 from nnxfit.module import TrainModule
 from nnxfit.trainer import Trainer
 
@@ -37,6 +38,7 @@ __all__ = [
     "CompileWatch",
     "ConfigError",
     "EmptyDataError",
+    "FrozenStatsCheck",
     "History",
     "NnxfitError",
     "NonFiniteError",
@@ -45,10 +47,12 @@ __all__ = [
     "StepOutputError",
     "Trainer",
     "TrainModule",
+    "TrainModeWarning",
     "TrainingInterrupted",
     "WorkdirLockedError",
     "__version__",
     "enable_compilation_cache",
+    "eval_mode",
     "load_checkpoint",
     "read_meta",
 ]

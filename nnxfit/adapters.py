@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 
 from nnxfit.errors import BatchError, ConfigError
+from nnxfit.warn import warn
 
 _REGISTERED: set[type] = set()
 _ENDLESS = 2**48  # a length this large means 'repeats forever'
@@ -233,11 +233,10 @@ class GrainLoader:
             elif want == (at[0] + 1, 0):
                 self._fresh(epoch)  # the saved pass had ended; a new pass starts the epoch
             else:
-                warnings.warn(
+                warn(
                     f"GrainLoader state was saved at epoch {at[0]} batch {at[1]} but training "
                     f"resumes at epoch {want[0]} batch {want[1]}; starting a new iterator and "
                     f"skipping {start} batches, exact only if grain's order is the same.",
-                    stacklevel=2,
                 )
                 self._it = None
         if self._it is None or self._pos != want:
@@ -288,11 +287,10 @@ class GrainLoader:
         if key not in self._states:
             if key[1] == 0:  # a new epoch that had not started: a fresh iterator
                 return {"epoch": key[0], "batch": 0, "iterator": None}
-            warnings.warn(
+            warn(
                 f"GrainLoader has no iterator state for epoch {epoch} batch {batch} (it keeps "
                 f"the last {self.history_size}); the checkpoint will restart that epoch's "
                 "iterator and skip batches instead.",
-                stacklevel=2,
             )
             return {}
         return {"epoch": key[0], "batch": key[1], "iterator": self._states[key]}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ import jax
 from jax import monitoring
 
 from nnxfit.callbacks.base import Callback
+from nnxfit.warn import warn
 
 logger = logging.getLogger("nnxfit.compile")
 
@@ -130,7 +130,7 @@ class CompileWatch(Callback):
         mid_fit = tr is not None and epoch > self._start_epoch
         if new and mid_fit and self.warn and not self._warned and self._seen_batch_shapes:
             self._warned = True
-            warnings.warn(self._recompile_message(rec, per_batch), RecompileWarning, stacklevel=2)
+            warn(self._recompile_message(rec, per_batch), RecompileWarning)
         self._seen_batch_shapes.add(per_batch)
 
     def _per_batch_shapes(self, kind: str, shapes: tuple) -> tuple:

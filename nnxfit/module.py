@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Mapping
 from typing import Any
 
 import optax
 from flax import nnx
+
+# The keys the default ``predict_step`` takes a dict batch's inputs from, in this order.
+INPUT_KEYS = ("x", "inputs", "input", "image", "images", "features", "data")
 
 
 class TrainModule(nnx.Module):
@@ -35,7 +39,8 @@ class TrainModule(nnx.Module):
         return active[1] if active is not None and active[0] is self else None
 
     def training_step(self, batch: Any):
-        """Return a scalar loss, or ``(loss, {"metric": scalar, ...})``."""
+        """Return a scalar loss, ``(loss, {"metric": scalar, ...})``, or Lightning's
+        ``{"loss": loss, "metric": scalar, ...}`` (every key but ``"loss"`` is a metric)."""
         raise NotImplementedError(
             f"{type(self).__name__} must define training_step(self, batch) returning a scalar "
             "loss or (loss, metrics_dict)."
@@ -49,9 +54,22 @@ class TrainModule(nnx.Module):
         )
 
     def predict_step(self, batch: Any):
-        """Default: the module called on the inputs (the first element of a tuple batch)."""
+        """Default: the module called on the batch's inputs: the first element of a tuple or
+        list batch (Keras's ``(x, y)``), the first of the keys ``INPUT_KEYS`` (``"x"``,
+        ``"inputs"``, ``"input"``, ``"image"``, ...) of a dict batch, else the batch itself.
+        Override it for anything else."""
         if isinstance(batch, tuple | list):
             return self(batch[0])
+        if isinstance(batch, Mapping):
+            key = next((k for k in INPUT_KEYS if k in batch), None)
+            if key is None:
+                raise NotImplementedError(
+                    f"{type(self).__name__}.predict_step got a dict batch with keys "
+                    f"{sorted(map(str, batch))}; the default predict_step calls the module on "
+                    f"the first of the keys {list(INPUT_KEYS)} and finds none. Define "
+                    "predict_step(self, batch), e.g. return self(batch['my_input'])."
+                )
+            return self(batch[key])
         return self(batch)
 
     def configure_optimizers(self) -> optax.GradientTransformation:

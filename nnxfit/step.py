@@ -56,16 +56,43 @@ class StepConfig:
     speculate: bool = False
 
 
+RETURN_FORMS = (
+    "a scalar loss, (loss, {'metric': value, ...}), or {'loss': loss, 'metric': value, ...}"
+)
+
+
 def split_loss(out: Any) -> tuple[jax.Array, dict]:
-    if isinstance(out, tuple | list):
-        if len(out) != 2 or not isinstance(out[1], dict):
+    """``training_step``'s return value as ``(loss, metrics)``: a scalar loss, ``(loss,
+    metrics)``, or Lightning's dict with a ``"loss"`` key (its other entries are metrics)."""
+    if out is None:
+        raise StepOutputError(
+            f"training_step returned None; it must return the loss: {RETURN_FORMS}. Is a "
+            "`return` missing at its end?"
+        )
+    if isinstance(out, dict):
+        if "loss" not in out:
             raise StepOutputError(
-                "training_step must return a scalar loss or (loss, metrics_dict); got a "
-                f"{type(out).__name__} of length {len(out)}."
+                f"training_step returned a dict with keys {sorted(map(str, out))} but no "
+                f"'loss'; a dict must hold the loss to minimise under 'loss' (the other "
+                f"entries are logged as metrics). It may return {RETURN_FORMS}."
+            )
+        metrics = {k: v for k, v in out.items() if k != "loss"}
+        loss = out["loss"]
+    elif isinstance(out, tuple | list):
+        if len(out) != 2 or not isinstance(out[1], dict):
+            second = f", the second a {type(out[1]).__name__}" if len(out) == 2 else ""
+            raise StepOutputError(
+                f"training_step returned a {type(out).__name__} of length {len(out)}{second}; "
+                f"it must return {RETURN_FORMS}."
             )
         loss, metrics = out
     else:
         loss, metrics = out, {}
+    if not hasattr(loss, "shape") and not isinstance(loss, int | float):
+        raise StepOutputError(
+            f"training_step returned a loss of type {type(loss).__name__}; the loss must be a "
+            f"scalar array. It may return {RETURN_FORMS}."
+        )
     loss = jnp.asarray(loss)
     if loss.shape != ():
         raise StepOutputError(

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from nnxfit import interrupt
-from nnxfit.callbacks.base import Callback, CallbackList
+from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
 from nnxfit.data import (
     ArrayLoader,
     BatchSpec,
@@ -44,11 +44,13 @@ from nnxfit.data import (
 )
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
+from nnxfit.inputs import eval_inputs, fit_inputs
 from nnxfit.module import TrainModule, attached, has_validation_step
 from nnxfit.module_leaves import live_leaves
 from nnxfit.pacing import DeviceQueue
 from nnxfit.placement import Placement
 from nnxfit.resume_point import ResumeInfo, Trail, capture, step_of
+from nnxfit.runs import begin_run
 from nnxfit.step import GATES, Carry, Programs, StepConfig, stack
 from nnxfit.workdir import lock_workdir
 
@@ -131,6 +133,7 @@ class Trainer:
         overfit_batches: int | None = None,
         val_every_n_steps: int | None = None,
         fast_dev_run: bool | int = False,
+        num_sanity_val_steps: int = 2,
     ):
         if max_epochs is None and max_steps is None and not fast_dev_run:
             raise ConfigError(
@@ -182,7 +185,10 @@ class Trainer:
                 f"workdir {self.workdir!r} exists and is a file; pass a folder path (it is "
                 "created if missing)."
             )
-        self.callbacks = list(callbacks or [])
+        self.callbacks = as_callbacks(callbacks)
+        from nnxfit.sanity import sanity_steps
+
+        self.num_sanity_val_steps = sanity_steps(num_sanity_val_steps)
         self.placement = Placement(mesh)
         self.is_global_zero = jax.process_index() == 0
 
@@ -225,9 +231,32 @@ class Trainer:
 
     # ======================================================================= public API ===
     @_attach
-    def fit(self, module: TrainModule, train_data: Any, val_data: Any = None, *, resume=False):
-        """Train ``module`` in place; returns the ``History``. See the README for resume."""
+    def fit(
+        self,
+        module: TrainModule,
+        train_data: Any,
+        val_data: Any = None,
+        *,
+        resume=False,
+        batch_size: int | None = None,
+        shuffle: bool | None = None,
+        validation_split: float = 0.0,
+    ):
+        """Train ``module`` in place; returns the ``History``. See the README for resume.
+
+        ``train_data``/``val_data`` may be arrays, Keras style (``x``, ``(x, y)``, a dict of
+        arrays): batched by ``batch_size`` (32), training batches reshuffled each epoch
+        (``shuffle``), ``validation_split`` holding out the last fraction (``inputs.py``)."""
         self._check_module(module)
+        train_data, val_data = fit_inputs(
+            train_data,
+            val_data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            validation_split=validation_split,
+            seed=self.seed,
+        )
+        refit = self.module is module
         if val_data is not None and not has_validation_step(module):
             raise ConfigError(
                 f"val_data was given but {type(module).__name__} defines no validation_step; "
@@ -239,14 +268,16 @@ class Trainer:
         if self.overfit_batches:  # the same first N batches every epoch, validated on too
             train_data = take_batches(train_data, self.overfit_batches)
             val_data = train_data if has_validation_step(module) else None
-        self.cb = CallbackList(
-            self._default_callbacks() + self.callbacks + list(module.configure_callbacks() or [])
+        mine = as_callbacks(
+            module.configure_callbacks(), f"{type(module).__name__}.configure_callbacks()"
         )
+        self.cb = CallbackList(self._default_callbacks() + self.callbacks + mine)
         # One fit per workdir, from before a checkpoint is read until the last one is written.
         with lock_workdir(self):
             self._setup_fit(module, train_data, val_data, first)
             if resume:
                 self._resume(resume)
+            begin_run(self, refit)  # sanity check, resume line, earlier run -> workdir/version_N
             if self.workdir is not None and self.is_global_zero and not self.fast_dev_run:
                 os.makedirs(self.workdir, exist_ok=True)
 
@@ -279,9 +310,13 @@ class Trainer:
         return self.history
 
     @_attach
-    def validate(self, module: TrainModule, data: Any) -> dict[str, float]:
-        """Mean of ``validation_step`` over every example of ``data``, keys prefixed ``val_``."""
+    def validate(
+        self, module: TrainModule, data: Any, *, batch_size: int | None = None
+    ) -> dict[str, float]:
+        """Mean of ``validation_step`` over every example of ``data``, keys prefixed ``val_``.
+        Arrays (``(x, y)``) are batched by ``batch_size`` (32), Keras's ``evaluate``."""
         self._check_module(module)
+        data = eval_inputs(data, batch_size, "validate")
         if not has_validation_step(module):
             module.validation_step(None)  # raises the explanatory NotImplementedError
         if self.fitting and module is self.module:
@@ -290,9 +325,12 @@ class Trainer:
         return self._run_validation(programs, leaves, data)
 
     @_attach
-    def predict(self, module: TrainModule, data: Any) -> Any:
-        """``predict_step`` over every batch of ``data``, concatenated on axis 0 (numpy)."""
+    def predict(self, module: TrainModule, data: Any, *, batch_size: int | None = None) -> Any:
+        """``predict_step`` over every batch of ``data``, concatenated on axis 0 (numpy).
+        Arrays (``x``) are batched by ``batch_size`` (32), Keras's ``predict``. Inside a
+        callback during fit it runs on the fit's current state in eval mode, changing nothing."""
         self._check_module(module)
+        data = eval_inputs(data, batch_size, "predict")
         programs, leaves = self._eval_programs(module)
         outs = []
         for i, batch in enumerate(epoch_batches(data, 0)):
@@ -957,7 +995,18 @@ class Trainer:
 
         if not any(isinstance(c, CompileWatch) for c in user):
             out.append(CompileWatch())  # logs compile times, warns on a mid-fit recompile
+        from nnxfit.modes import FrozenStatsCheck
+
+        if not any(isinstance(c, FrozenStatsCheck) for c in user):
+            out.append(FrozenStatsCheck())  # warns when BatchNorm statistics never move
         return out
+
+    def eval_mode(self, module: TrainModule):
+        """``with trainer.eval_mode(module): ...`` runs the block in eval mode and undoes
+        whatever it did to the module (``modes.eval_mode``): for callbacks that call it."""
+        from nnxfit.modes import eval_mode
+
+        return eval_mode(module)
 
     def _resume(self, resume) -> None:
         from nnxfit.checkpoint import resume_fit, trainer_options
@@ -1080,9 +1129,9 @@ class Trainer:
                 getattr(cb, name)(self, self.module, *args)
             except Exception as e:
                 if guard or (defer and first is not None):
-                    import warnings
+                    from nnxfit.warn import warn
 
-                    warnings.warn(f"{type(cb).__name__}.{name} raised {e!r}", stacklevel=2)
+                    warn(f"{type(cb).__name__}.{name} raised {e!r}")
                     continue
                 e.add_note(f"(raised in callback {type(cb).__name__}.{name})")
                 if not defer:

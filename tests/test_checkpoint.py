@@ -215,13 +215,9 @@ def test_weights_only_checkpoints_load_but_do_not_resume(tmp_path):
         )
     assert list_steps(tmp_path / "checkpoints") == [7]  # a failed resume deletes nothing
 
-    # A fresh fit next to another run's checkpoints moves them aside, never deletes them.
-    with pytest.warns(ResumeWarning, match=r"\[7\].*from an earlier run.*moved them to"):
-        nnxfit.Trainer(callbacks=[ModelCheckpoint()], **kw).fit(
-            child.make_module(), child.train_data()
-        )
-    aside = [p for p in os.listdir(tmp_path) if p.startswith("checkpoints.previous-")]
-    assert len(aside) == 1 and os.listdir(tmp_path / aside[0]) == ["7"]
+    # A fresh fit in the workdir of another run keeps that run in version_0, never deletes it.
+    nnxfit.Trainer(callbacks=[ModelCheckpoint()], **kw).fit(child.make_module(), child.train_data())
+    assert list_steps(tmp_path / "version_0" / "checkpoints") == [7]
     assert list_steps(tmp_path / "checkpoints") == [7]
     assert read_meta(tmp_path / "checkpoints")["kind"] == "full"
 

@@ -106,7 +106,7 @@ def test_non_scalar_loss_and_bad_metrics():
         def training_step(self, batch):
             return super().training_step(batch)[0], [1.0]
 
-    with pytest.raises(nnxfit.StepOutputError, match="loss, metrics_dict"):
+    with pytest.raises(nnxfit.StepOutputError, match=r"the second a list.*\(loss, \{'metric'"):
         nnxfit.Trainer(max_epochs=1, progress_bar=False).fit(BadMetrics(), ArrayLoader((x, y), 16))
 
 

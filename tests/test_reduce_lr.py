@@ -37,6 +37,9 @@ class Scripted(nnxfit.Callback):
     def __init__(self, values):
         self.values = values
 
+    def logged_metrics(self, trainer):
+        return ["score"]
+
     def on_train_epoch_end(self, trainer, module, epoch, logs):
         logs["score"] = self.values[epoch]
 

@@ -38,6 +38,11 @@ class Callback:
       ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``.
       They reach ``logs`` at the next log interval with no per-step host sync.
 
+    A callback that adds metrics to the logs (``logs["loss_ema"] = ...``) says so in
+    ``logged_metrics``: the names are then known at fit start, so ``EarlyStopping``,
+    ``ModelCheckpoint`` and ``ReduceLROnPlateau`` may monitor them whatever the order of the
+    callbacks, and a misspelt monitor fails before training.
+
     A callback whose state must survive a resume implements ``state_dict`` and
     ``load_state_dict`` (plain Python data: numbers, strings, lists, dicts).
     """
@@ -94,6 +99,13 @@ class Callback:
         ``ModelCheckpoint`` does for the steps it does not save at)."""
         return True
 
+    def logged_metrics(self, trainer: Trainer) -> Iterable[str]:
+        """Names of the metrics this callback adds to the logs (asked at fit start, when the
+        fit is set up). Declared names can be monitored by other callbacks; a callback that
+        declares any runs before the undeclaring ones of its ``order``, so its epoch-end
+        values are in the logs when a monitor of the same ``order`` reads them."""
+        return ()
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -113,6 +125,38 @@ def overrides(callback: Callback, hook: str) -> bool:
     return getattr(type(callback), hook, None) is not getattr(Callback, hook)
 
 
+def as_callbacks(callbacks: Any, where: str = "Trainer(callbacks=...)") -> list[Callback]:
+    """``callbacks`` as a list: one ``Callback`` or an iterable of them (or ``None``). Anything
+    else is refused here, where the mistake is made, naming the item and the fix."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    if isinstance(callbacks, str | bytes | Mapping) or not isinstance(callbacks, Iterable):
+        _refuse(callbacks, where, None)
+    out = list(callbacks)
+    for i, cb in enumerate(out):
+        if not isinstance(cb, Callback):
+            _refuse(cb, where, i)
+    return out
+
+
+def _refuse(value: Any, where: str, index: int | None) -> None:
+    from nnxfit.errors import ConfigError
+
+    what = "" if index is None else f" item {index}"
+    if isinstance(value, type) and issubclass(value, Callback):
+        raise ConfigError(
+            f"{where}{what} is the class {value.__name__}, not a callback; instantiate it: "
+            f"{value.__name__}(...)."
+        )
+    raise ConfigError(
+        f"{where} takes a Callback or a list of Callbacks;{what} got {value!r} of type "
+        f"{type(value).__name__}. Subclass nnxfit.Callback, or wrap functions in "
+        "nnxfit.callbacks.LambdaCallback."
+    )
+
+
 class CallbackList:
     """Calls hooks in ``order``; only callbacks that override a hook are ever called."""
 
@@ -124,8 +168,9 @@ class CallbackList:
                     f"callbacks must be nnxfit.Callback instances; got {cb!r} of type "
                     f"{type(cb).__name__}. Subclass nnxfit.Callback or use LambdaCallback."
                 )
-        # Stable sort keeps the user's order among equals.
-        self.callbacks = sorted(cbs, key=lambda c: c.order)
+        # Stable sort keeps the user's order among equals; among those, callbacks that declare
+        # logged metrics come first, so that a monitor of the same order finds their values.
+        self.callbacks = sorted(cbs, key=lambda c: (c.order, not overrides(c, "logged_metrics")))
         self._by_hook = {h: [c for c in self.callbacks if overrides(c, h)] for h in HOOKS}
         # Looked up on every call of a hook: computed once, not per step.
         self._reads = {h: any(c.reads_module for c in cbs) for h, cbs in self._by_hook.items()}

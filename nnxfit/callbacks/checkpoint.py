@@ -36,8 +36,8 @@ At fit start, checkpoints that belong to another run are moved (never deleted) t
 for a resumed one. Leftover ``*.orbax-checkpoint-tmp`` folders of killed saves are removed.
 
 The ``monitor`` must name a metric the fit is known to log before it trains (the train step's
-metrics, ``val_*`` of ``validation_step``, ``lr``, ``nonfinite_steps``); a metric only a
-callback adds to the epoch logs cannot be monitored.
+metrics, ``val_*`` of ``validation_step``, ``lr``, ``nonfinite_steps``, or a name a callback
+declares in ``Callback.logged_metrics``), whatever the order of the callbacks.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import warnings
 from typing import Any
 
 from nnxfit.callbacks.base import Callback
-from nnxfit.callbacks.monitor import MODES, Monitor, train_metric_names
+from nnxfit.callbacks.monitor import MODES, Monitor, known_metrics  # noqa: F401 (re-exported)
 from nnxfit.checkpoint import (
     ResumeWarning,
     list_steps,
@@ -441,10 +441,7 @@ class ModelCheckpoint(Callback):
 
     def _check_monitor(self, trainer) -> None:
         """Before training: a typo found after the first epoch may cost hours."""
-        self._monitor.check_fit(trainer)
-        names = known_metrics(trainer, want=self.monitor)
-        if self.monitor not in names:
-            raise self._monitor.unknown(names)
+        self._monitor.check_fit(trainer, self)
 
 
 def _outside_nnxfit() -> int:
@@ -455,19 +452,3 @@ def _outside_nnxfit() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(root):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def known_metrics(trainer, want: str | None = None) -> list[str]:
-    """Names the fit will log, known before it trains: the train step's metrics (plus
-    ``lr``/``nonfinite_steps`` where computed) and, with ``val_data``, the ``val_*`` ones
-    (traced with ``jax.eval_shape``, only when ``want`` is not already found)."""
-    names = train_metric_names(trainer)
-    if want in names or trainer.val_data is None:
-        return names
-    from nnxfit.data import epoch_batches
-
-    batch = next(iter(epoch_batches(trainer.val_data, 0)), None)
-    if batch is not None:
-        leaves = trainer._leaves[: trainer._n_module]
-        names += [f"val_{k}" for k in trainer._programs.eval_metric_names(leaves, batch)]
-    return names

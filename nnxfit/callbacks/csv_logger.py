@@ -34,11 +34,11 @@ from __future__ import annotations
 import csv
 import math
 import os
-import warnings
 from typing import IO, Any
 
 from nnxfit.callbacks.base import Callback
 from nnxfit.errors import ConfigError
+from nnxfit.warn import warn
 
 BASE_COLUMNS = ("step", "epoch", "kind")
 _RESERVED = frozenset(BASE_COLUMNS)
@@ -117,10 +117,9 @@ class CSVLogger(Callback):
     def _write(self, step: int, epoch: int, kind: str, logs: dict) -> None:
         if not self._warned_reserved and not _RESERVED.isdisjoint(logs):
             self._warned_reserved = True
-            warnings.warn(
+            warn(
                 f"CSVLogger: metric name(s) {sorted(_RESERVED.intersection(logs))} clash with "
                 f"the columns {list(BASE_COLUMNS)} and are not written; rename them.",
-                stacklevel=3,
             )
         known = set(self._columns)
         new = [k for k in logs if k not in known]
@@ -179,10 +178,9 @@ def _read_rows(path: str) -> tuple[list[str], list[list[str]]]:
     lines = list(csv.reader(text.splitlines()))
     if not lines or list(lines[0][: len(BASE_COLUMNS)]) != list(BASE_COLUMNS):
         if lines:
-            warnings.warn(
+            warn(
                 f"CSVLogger: {path!r} does not start with the columns {list(BASE_COLUMNS)}; "
                 "it was not written by nnxfit's CSVLogger and is replaced by a fresh file.",
-                stacklevel=3,
             )
         return list(BASE_COLUMNS), []
     header = lines[0]

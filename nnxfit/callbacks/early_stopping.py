@@ -16,7 +16,6 @@ device arrays are donated to the next step and deleted.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ from nnxfit.callbacks.base import Callback
 from nnxfit.callbacks.monitor import Monitor, announce
 from nnxfit.errors import ConfigError
 from nnxfit.module_leaves import live_leaves
+from nnxfit.warn import warn
 
 
 def _number(owner: str, name: str, value: Any, *, allow_none: bool = False) -> float | None:
@@ -138,7 +138,7 @@ class EarlyStopping(Callback):
         else:
             self._best_state = None  # the counters came from the checkpoint; weights did not
         self._finished, self._stopped_now = True, False
-        self._m.check_fit(trainer)
+        self._m.check_fit(trainer, self)
 
     def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
         current = self._m.lookup(logs)
@@ -203,12 +203,11 @@ class EarlyStopping(Callback):
         if not (self.restore_best_weights and self._finished) or self.best_epoch is None:
             return
         if self._best_state is None:
-            warnings.warn(
+            warn(
                 f"EarlyStopping could not restore the weights of the best epoch "
                 f"({self.best_epoch + 1}, {self.monitor}={self.best:.6g}): it ran before "
                 "the resume and host snapshots are not checkpointed. The module keeps its "
-                "final weights; ModelCheckpoint(monitor=...) keeps the best checkpoint.",
-                stacklevel=2,
+                "final weights; ModelCheckpoint(monitor=...) keeps the best checkpoint."
             )
             return
         handles, host, shardings = self._best_state

@@ -11,11 +11,11 @@ side): one warning per episode.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 from nnxfit.callbacks.base import Callback
 from nnxfit.errors import ConfigError
+from nnxfit.warn import warn
 
 
 class GradNormWarning(RuntimeWarning):
@@ -78,6 +78,13 @@ class GradNormMonitor(Callback):
         self._last_step = step
         self.warnings_issued: list[tuple[int, float]] = []
 
+    def logged_metrics(self, trainer) -> list[str]:
+        names = ["grad_norm"]
+        if self.per_module:
+            order = getattr(getattr(trainer, "_programs", None), "metric_order", [])
+            names += [k for k in order if k.startswith("grad_norm/")]
+        return names
+
     def on_fit_start(self, trainer, module) -> None:
         self._reset(trainer.global_step)
 
@@ -103,11 +110,10 @@ class GradNormMonitor(Callback):
         if not (new_episode and self.warn):
             return
         self.warnings_issued.append((step, value))
-        warnings.warn(
+        warn(
             f"GradNormMonitor: grad_norm averaged {value:.4g} over {span} and {problem}"
             f"{self._modules(logs, value)}. Not repeated while it stays out of range.",
             GradNormWarning,
-            stacklevel=2,
         )
 
     def _problem(self, v: float) -> tuple[str | None, str | None]:

@@ -8,15 +8,17 @@ Shared by the callbacks that watch a metric (``EarlyStopping``, ``ReduceLROnPlat
     value = m.lookup(logs)            # at epoch end: None on an epoch without validation
     if m.is_better(value, best, min_delta): ...
 
-A name the fit does not log is reported with the names it does log. Callbacks may add
-metrics to the epoch logs, so only what is certain fails at fit start; the rest fails at the
-first epoch end that should have had the metric.
+A name the fit does not log is reported with the names it does log, at fit start: the train
+step's metrics, ``validation_step``'s (with ``val_data``), and what callbacks declare in
+``Callback.logged_metrics``. A callback that adds a metric must declare it to have it
+monitored.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -135,30 +137,66 @@ class Monitor:
             return None
         raise self.unknown(logs)
 
-    def unknown(self, names: Iterable[str]) -> ConfigError:
+    def unknown(self, names: Iterable[str], at_start: bool = False) -> ConfigError:
         """The error for a monitor that names no logged metric."""
-        names = sorted(names)
+        names = sorted(set(names))
         close = difflib.get_close_matches(self.name, names, n=1)
         hint = ""
         if self.name.startswith("val_") and not any(n.startswith("val_") for n in names):
             hint = " Validation metrics need val_data passed to fit."
         elif close:
             hint = f" Did you mean {close[0]!r}?"
+        declare = (
+            " A metric that a callback adds to the logs must be declared by it: "
+            f"def logged_metrics(self, trainer): return [{self.name!r}]."
+        )
+        when = "" if at_start else " at this epoch end"
         return ConfigError(
-            f"{self.owner} monitor={self.name!r} names no logged metric; the fit logs {names}. "
-            f"Pick one of those.{hint}"
+            f"{self.owner} monitor={self.name!r} names no logged metric; the fit logs "
+            f"{names}{when}. Pick one of those.{hint}{declare}"
         )
 
-    def check_fit(self, trainer) -> None:
-        """At fit start: fails when the metric cannot appear (a ``val_`` metric and no
-        ``val_data``). Names the step does not compute may still come from a callback, so
-        they are checked at the first epoch end instead (``lookup``)."""
-        if self.name.startswith("val_") and getattr(trainer, "val_data", None) is None:
+    def check_fit(self, trainer, callback=None) -> None:
+        """At fit start, before training: the metric must be one the fit logs: a train step
+        metric, a ``val_*`` metric of ``validation_step`` (with ``val_data``), or a name a
+        callback of the fit declares in ``logged_metrics``. ``callback`` (the one watching)
+        must run after the callback that logs it, which the default order ensures."""
+        declared = declared_metrics(trainer)
+        if (
+            self.name.startswith("val_")
+            and getattr(trainer, "val_data", None) is None
+            and self.name not in declared
+        ):
             raise ConfigError(
                 f"{self.owner} monitor={self.name!r} is a validation metric but fit got no "
                 f"val_data. Pass val_data to fit, or monitor a training metric: "
                 f"{train_metric_names(trainer)}."
             )
+        names = known_metrics(trainer, want=self.name)
+        if self.name not in names:
+            raise self.unknown(names, at_start=True)
+        if (
+            callback is not None
+            and self.name in declared
+            and self.name not in _step_and_val(trainer, self.name)
+        ):
+            self._check_order(trainer, callback, declared[self.name])
+
+    def _check_order(self, trainer, callback, loggers: list) -> None:
+        cbs = list(getattr(trainer, "cb", []) or [])
+        if callback not in cbs:
+            return
+        mine = cbs.index(callback)
+        if any(cbs.index(c) < mine for c in loggers if c in cbs):
+            return
+        first = loggers[0]
+        raise ConfigError(
+            f"{self.owner} monitors {self.name!r}, which {type(first).__name__} logs, but "
+            f"{type(first).__name__} runs after it (order {first.order} > {callback.order}), "
+            f"so the value is not in the logs yet when {self.owner} reads them. Give "
+            f"{type(first).__name__} an order <= {callback.order} (the class attribute "
+            "``order``; lower runs first)."
+        )
 
     def __repr__(self) -> str:
         return f"Monitor({self.name!r}, {self.mode!r})"
@@ -176,6 +214,57 @@ def train_metric_names(trainer) -> list[str]:
     if "finite" in features:
         names.append("nonfinite_steps")
     return names
+
+
+def declared_metrics(trainer) -> dict[str, list]:
+    """Metric name -> the callbacks of the fit that declare it (``Callback.logged_metrics``),
+    in the order they run."""
+    out: dict[str, list] = {}
+    for cb in list(getattr(trainer, "cb", []) or []):
+        for name in cb.logged_metrics(trainer) or ():
+            out.setdefault(str(name), []).append(cb)
+    return out
+
+
+# Validation metric names of a fit's programs, traced once per fit (programs -> names).
+_VAL_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def val_metric_names(trainer) -> list[str]:
+    """``val_*`` names ``validation_step`` returns on ``val_data`` (traced with
+    ``jax.eval_shape``, once per fit); empty without val_data."""
+    programs = getattr(trainer, "_programs", None)
+    if programs is None or getattr(trainer, "val_data", None) is None:
+        return []
+    names = _VAL_NAMES.get(programs)
+    if names is None:
+        from nnxfit.data import epoch_batches
+
+        batch = next(iter(epoch_batches(trainer.val_data, 0)), None)
+        names = []
+        if batch is not None:
+            leaves = trainer._leaves[: trainer._n_module]
+            names = [f"val_{k}" for k in programs.eval_metric_names(leaves, batch)]
+        _VAL_NAMES[programs] = names
+    return list(names)
+
+
+def _step_and_val(trainer, want: str | None) -> list[str]:
+    names = train_metric_names(trainer)
+    if want in names:
+        return names
+    return names + val_metric_names(trainer)
+
+
+def known_metrics(trainer, want: str | None = None) -> list[str]:
+    """Names the fit will log, known before it trains: the train step's metrics (plus
+    ``lr``/``nonfinite_steps`` where computed), what callbacks declare in ``logged_metrics``
+    and, with ``val_data``, the ``val_*`` ones (traced, only when ``want`` is not already
+    found among the others)."""
+    names = train_metric_names(trainer) + list(declared_metrics(trainer))
+    if want in names:
+        return list(dict.fromkeys(names))
+    return list(dict.fromkeys(names + val_metric_names(trainer)))
 
 
 def announce(trainer, text: str) -> None:

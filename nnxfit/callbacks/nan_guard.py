@@ -21,10 +21,9 @@ when the fit ends holds the last good state.
 
 from __future__ import annotations
 
-import warnings
-
 from nnxfit.callbacks.base import Callback
 from nnxfit.errors import ConfigError, NonFiniteError
+from nnxfit.warn import warn
 
 ACTIONS = ("stop", "skip", "raise")
 
@@ -61,6 +60,9 @@ class NaNGuard(Callback):
         self.step_features = frozenset({"finite", halt})
         self.nonfinite_step: int | None = None
 
+    def logged_metrics(self, trainer) -> list[str]:
+        return ["nonfinite_steps"]
+
     def on_fit_start(self, trainer, module) -> None:
         self.nonfinite_step = None
 
@@ -78,13 +80,12 @@ class NaNGuard(Callback):
         self.nonfinite_step = n
         seen = trainer.global_step
         if self.action == "skip":
-            warnings.warn(
+            warn(
                 f"NaNGuard: non-finite loss or gradient at step {n}; that update was skipped "
                 "(parameters, optimizer and module state kept) and training goes on. Later "
                 f"skips are counted in the logs as nonfinite_steps ({trainer.nonfinite_steps} "
                 f"by step {seen}).",
                 NonFiniteWarning,
-                stacklevel=2,
             )
             return
         where = f"first non-finite loss or gradient at step {n}"
@@ -99,7 +100,7 @@ class NaNGuard(Callback):
         if self.action == "raise":
             raise NonFiniteError(msg, step=n)
         trainer.should_stop = True
-        warnings.warn(msg + " Training stopped.", NonFiniteWarning, stacklevel=2)
+        warn(msg + " Training stopped.", NonFiniteWarning)
 
     def __repr__(self) -> str:
         return f"NaNGuard(action={self.action!r})"

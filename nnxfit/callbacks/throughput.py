@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable
 
 from nnxfit.callbacks.base import Callback
 from nnxfit.errors import ConfigError
+from nnxfit.warn import warn
 
 MIN_CALLS = 8  # calls in the window before the bottleneck check may fire
+# What it logs (compute_frac once a log step has measured the device).
+METRICS = ("steps_per_sec", "examples_per_sec", "data_wait_frac", "compute_frac")
 
 
 class DataBottleneckWarning(UserWarning):
@@ -89,6 +91,9 @@ class ThroughputMonitor(Callback):
         self._t = self._data = 0.0
         self._step = self._traces = 0
         self._per_step_examples: int | None = None
+
+    def logged_metrics(self, trainer) -> list[str]:
+        return list(METRICS)
 
     # ------------------------------------------------------------------------ hooks ---
     def on_fit_start(self, trainer, module) -> None:
@@ -200,14 +205,13 @@ class ThroughputMonitor(Callback):
                 "more loader workers, caching decoded data, or moving per-batch transforms "
                 "into the model"
             )
-        warnings.warn(
+        warn(
             f"ThroughputMonitor: the input pipeline is the bottleneck. Over the last {steps} "
             f"steps (up to step {trainer.global_step}) the training loop waited for data "
             f"{frac:.0%} of the wall time, {data_per_step * 1e3:.2f} ms per step, while a step "
             f"computes in at most {compute * 1e3:.2f} ms. Faster input would speed training "
             f"up: {fix}.",
             DataBottleneckWarning,
-            stacklevel=2,
         )
 
     def __repr__(self) -> str:
