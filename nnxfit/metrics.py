@@ -146,6 +146,25 @@ def _weights(mask: Any, shape: tuple) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(mask), shape).astype(jnp.bool_).ravel()
 
 
+def _whole(x: jax.Array) -> jax.Array:
+    """``x`` replicated, when it is split over an Explicit mesh axis (a validation batch on
+    ``jax.make_mesh``'s default axes): jax cannot choose the output sharding of a
+    scatter-add whose indices are split that way. Elsewhere, ``x`` itself."""
+    s = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(s, "mesh", None)
+    if mesh is None or mesh.empty or all(p is None for p in s.spec):
+        return x
+    if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _scatter_add(size: int, cells: jax.Array, counts: jax.Array) -> jax.Array:
+    """int32 counts of ``counts`` added at ``cells`` into ``size`` zeros."""
+    cells, counts = _whole(cells.ravel()), _whole(counts.ravel().astype(jnp.int32))
+    return jnp.zeros((size,), jnp.int32).at[cells].add(counts)
+
+
 def _safe_div(a, b):
     """``a / b``, 0 where ``b`` is 0 (scikit-learn's and torchmetrics' zero_division=0)."""
     return jnp.where(b > 0, a / jnp.where(b > 0, b, 1), 0.0)
@@ -170,7 +189,7 @@ class _Confusion(Metric):
         w = _weights(mask, jnp.shape(labels))
         valid = (p >= 0) & (p < c) & (y >= 0) & (y < c)
         cells = jnp.where(valid, y * c + p, 0)
-        cm = jnp.zeros((c * c,), jnp.int32).at[cells].add((valid & w).astype(jnp.int32))
+        cm = _scatter_add(c * c, cells, valid & w)
         self.sums = {"cm": cm.reshape(c, c), "invalid": ((~valid) & w).sum(dtype=jnp.int32)}
 
     def problems(self, sums):
@@ -311,11 +330,7 @@ class AUROC(Metric):
             pos = y[:, None] == jnp.arange(c)[None, :]
         bins = jnp.clip(jnp.floor(scores * t).astype(jnp.int32), 0, t - 1)
         cells = (jnp.arange(c)[None, :] * 2 + pos.astype(jnp.int32)) * t + bins
-        hist = (
-            jnp.zeros((c * 2 * t,), jnp.int32)
-            .at[cells.ravel()]
-            .add(jnp.broadcast_to(w[:, None], cells.shape).astype(jnp.int32).ravel())
-        )
+        hist = _scatter_add(c * 2 * t, cells, jnp.broadcast_to(w[:, None], cells.shape))
         invalid = ((~valid) & _weights(mask, labels.shape)).sum(dtype=jnp.int32)
         self.sums = {"hist": hist.reshape(c, 2, t), "invalid": invalid}
 

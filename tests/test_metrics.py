@@ -1,6 +1,10 @@
 """Whole-dataset metrics (``nnxfit.metrics``) in validate, fit and test, against scikit-learn."""
 
 import csv
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -284,3 +288,23 @@ def test_labels_outside_the_classes_are_left_out_with_a_warning():
     msgs = [str(x.message) for x in w if "left out" in str(x.message)]
     assert len(msgs) == 1 and f"{int((Y == 2).sum())} example(s)" in msgs[0]
     assert w[0].filename == __file__  # points at the caller's line
+
+
+MESH_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "metrics_mesh.py")
+
+
+def test_whole_set_metrics_on_a_4_device_mesh_equal_one_device():
+    proc = subprocess.run(
+        [sys.executable, MESH_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(lines[-1][len("RESULTS ") :])
+    # Batches of 30, 30, 30, 11 split 28 + 2 (8 + 3) over 4 devices: the counts add up exactly.
+    assert r["v4"]["val_f1"] == r["v1"]["val_f1"] == r["test_f1"]
+    assert r["v4"]["val_auc"] == r["v1"]["val_auc"]
+    assert r["v4"]["val_f1"] == pytest.approx(r["sklearn_f1"], rel=1e-6)
+    assert r["v4"]["val_loss"] == pytest.approx(r["v1"]["val_loss"], rel=2e-5)
+    assert r["confusion_equal"] and r["repeat_equal"]
+    assert r["traces_first"] == 4 and r["traces_repeat"] == 0  # 28, 2, 8, 3 examples
+    assert len(r["fit_val_f1"]) == 2 and r["fit_eval_traces"] == 4
