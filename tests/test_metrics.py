@@ -190,14 +190,22 @@ def test_monitors_and_history_see_whole_set_metrics(tmp_path):
 
 
 def test_the_eval_program_traces_once_per_batch_shape():
+    traced = []
+
+    class Counted(Scored):
+        def validation_step(self, batch):  # runs only when jax traces it
+            traced.append(batch[0].shape[0])
+            return super().validation_step(batch)
+
     trainer = _trainer()
-    module = Scored(seed=1)
+    module = Counted(seed=1)
     data = ArrayLoader((X, Y), batch_size=16)
     first = trainer.validate(module, data)
     (programs,) = trainer._eval_cache.values()
     assert programs.eval_trace_count == 2  # batches of 16 and the last of 5
-    assert len(programs._eval_specs) == 1
+    assert traced == [16, 16, 5]  # the names and sums (once), then the two programs
     assert trainer.validate(module, data) == first
+    assert traced == [16, 16, 5] and programs.eval_trace_count == 2
     trainer.test(module, data)
     trainer.test(module, data)
     assert programs.eval_trace_count == 4 and len(programs._eval_specs) == 2
