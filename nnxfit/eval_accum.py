@@ -81,7 +81,9 @@ def accumulate(acc: tuple, means: dict, metrics: dict, size: int, where: str) ->
                 "arrays a whole-set metric sums must not depend on the batch size (reduce "
                 "them over the batch, e.g. .sum(0))."
             )
-        out[k] = jax.tree.map(lambda a, b: a + b.astype(a.dtype), metric_sums[k], m.sums)
+        out[k] = jax.tree.map(
+            lambda a, b: a + jnp.asarray(b).astype(a.dtype), metric_sums[k], m.sums
+        )
     return mean_sums, count + n, out
 
 
