@@ -1,11 +1,13 @@
 """nnxfit: a fast, exact training loop for Flax NNX."""
 
+from nnxfit import metrics
 from nnxfit.callbacks.base import Callback
 from nnxfit.checkpoint import (
     CheckpointCorruptError,
     CheckpointInfo,
     CheckpointMismatchError,
     ResumeWarning,
+    export_weights,
     load_checkpoint,
     read_meta,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "__version__",
     "enable_compilation_cache",
     "eval_mode",
+    "export_weights",
     "load_checkpoint",
+    "metrics",
     "read_meta",
 ]

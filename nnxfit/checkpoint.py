@@ -714,3 +714,43 @@ def load_checkpoint(
     for var, x in zip(variables, restored, strict=True):
         var.set_raw_value(x)
     return CheckpointInfo(os.path.join(directory, str(step)), step, dict(meta.get("metrics") or {}))
+
+
+# ------------------------------------------------------------------------- export_weights ---
+def export_weights(module: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Writes ``nnx.state(module)`` to ``path`` as a plain orbax checkpoint; returns its path.
+
+    Every variable of the module is written (params, BatchNorm statistics, RNG state, any
+    custom variable), with nothing of nnxfit's around it: an inference script loads it with
+    flax and orbax alone, into the state of a freshly built (or abstract) module::
+
+        abstract = nnx.eval_shape(lambda: Net(rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        state = ocp.StandardCheckpointer().restore(path, state)
+        model = nnx.merge(graphdef, state)
+        model.eval()
+
+    ``module`` may be any ``nnx.Module``: pass a submodule (``module.net``) so that the
+    inference script needs only that network's class, not the ``TrainModule``. To export
+    the best checkpoint of a run, load it first: ``nnxfit.load_checkpoint(module, workdir,
+    "best")``. An existing ``path`` is an error unless ``overwrite``. On several processes,
+    every process calls it (orbax writes each array once).
+    """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(
+            f"export_weights takes an nnx.Module (e.g. the trained module or module.net); got "
+            f"{type(module).__name__}."
+        )
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(
+            f"export_weights: {path} exists; pass overwrite=True to replace it, or another path."
+        )
+    ocp = _ocp()
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        checkpointer.save(path, nnx.state(module), force=overwrite)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+    return path

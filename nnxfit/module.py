@@ -53,6 +53,14 @@ class TrainModule(nnx.Module):
             "returning a dict of scalars to use val_data or Trainer.validate."
         )
 
+    def test_step(self, batch: Any) -> dict[str, Any]:
+        """Like ``validation_step``, for ``Trainer.test``; logged as ``test_<name>``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no test_step; define test_step(self, batch) returning a "
+            "dict like validation_step's to use Trainer.test (to test with the validation "
+            "metrics: def test_step(self, batch): return self.validation_step(batch))."
+        )
+
     def predict_step(self, batch: Any):
         """Default: the module called on the batch's inputs: the first element of a tuple or
         list batch (Keras's ``(x, y)``), the first of the keys ``INPUT_KEYS`` (``"x"``,
@@ -84,6 +92,10 @@ class TrainModule(nnx.Module):
 
 def has_validation_step(module: TrainModule) -> bool:
     return type(module).validation_step is not TrainModule.validation_step
+
+
+def has_test_step(module: TrainModule) -> bool:
+    return type(module).test_step is not TrainModule.test_step
 
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("nnxfit_active_trainer", default=None)

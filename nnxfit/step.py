@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from nnxfit.errors import StepOutputError
+from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
 
 FEATURES = frozenset(
     {"grad_norm", "module_grad_norms", "finite", "skip_nonfinite", "halt_on_nonfinite", "lr"}
@@ -188,9 +189,18 @@ class Programs:
         # Speculating, the train programs run ungated (``StepConfig.speculate``).
         self.train_single, self.train_multi = self._train_jits(None if config.speculate else "cond")
         self._gated: tuple | None = None
-        # The metric sums are not donated: a few scalars, and the Trainer keeps the last few
-        # to tell which validation batches the device has finished (``_run_validation``).
-        self.eval_batch = jax.jit(self._eval)
+        # Eval programs, one per step method, and what each step returns per batch signature
+        # (``eval_spec``). ``eval_trace_count`` counts their traces (tests pin this). The sums
+        # are not donated: small, and the Trainer keeps the last few to tell which validation
+        # batches the device has finished (``_run_validation``).
+        self.eval_trace_count = 0
+        self.eval_batch = jax.jit(
+            functools.partial(self._eval, method="validation_step")
+        )
+        self.test_batch = jax.jit(
+            functools.partial(self._eval, method="test_step")
+        )
+        self._eval_specs: dict = {}
         self.predict_batch = jax.jit(self._predict)
 
     def pin_shardings(self, shardings: list) -> None:
@@ -369,22 +379,38 @@ class Programs:
         return list(out)
 
     # -- eval and predict ----------------------------------------------------------------
-    def _eval(self, module_leaves, acc, batch):
+    def _eval(self, module_leaves, acc, batch, method: str = "validation_step"):
+        """One batch of ``validation_step`` / ``test_step`` added to the accumulator
+        (``eval_accum.py``): batch means weighted by the batch's example count, whole-set
+        metrics' sums added as they are."""
+        self.eval_trace_count += 1
         params, rest = self._module_states(module_leaves)
         module = nnx.merge(self.eval_def, params, rest)
-        metrics = check_metrics(module.validation_step(batch), "validation_step")
-        n = jnp.float32(jax.tree.leaves(batch)[0].shape[0])
-        sums, count = acc
-        sums = {k: sums.get(k, 0.0) + v * n for k, v in metrics.items()}
-        return sums, count + n
+        _, means, metrics = split_outputs(getattr(module, method)(batch), method)
+        return accumulate(acc, means, metrics, jax.tree.leaves(batch)[0].shape[0], method)
 
-    def eval_metric_names(self, module_leaves, batch) -> list[str]:
-        def f(leaves, b):
-            params, rest = self._module_states(leaves)
-            module = nnx.merge(self.eval_def, params, rest)
-            return check_metrics(module.validation_step(b), "validation_step")
+    def eval_program(self, method: str):
+        return self.test_batch if method == "test_step" else self.eval_batch
 
-        return list(jax.eval_shape(f, module_leaves, batch))
+    def eval_spec(self, module_leaves, batch, method: str = "validation_step") -> EvalSpec:
+        """What ``method`` returns for batches like ``batch`` (names, sums, results), traced
+        once per batch signature."""
+        leaves, treedef = jax.tree.flatten(batch)
+        key = (method, treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+        spec = self._eval_specs.get(key)
+        if spec is None:
+
+            def trace(leaves, b):
+                params, rest = self._module_states(leaves)
+                return getattr(nnx.merge(self.eval_def, params, rest), method)(b)
+
+            spec = EvalSpec(trace, (module_leaves, batch), method)
+            self._eval_specs[key] = spec
+        return spec
+
+    def eval_metric_names(self, module_leaves, batch, method: str = "validation_step") -> list[str]:
+        """The scalar names ``method`` logs (without prefix), found by tracing."""
+        return list(self.eval_spec(module_leaves, batch, method).names)
 
     def _predict(self, module_leaves, batch):
         params, rest = self._module_states(module_leaves)

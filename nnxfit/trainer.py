@@ -45,7 +45,7 @@ from nnxfit.data import (
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
 from nnxfit.inputs import eval_inputs, fit_inputs
-from nnxfit.module import TrainModule, attached, has_validation_step
+from nnxfit.module import TrainModule, attached, has_test_step, has_validation_step
 from nnxfit.module_leaves import live_leaves
 from nnxfit.pacing import DeviceQueue
 from nnxfit.placement import Placement
@@ -228,6 +228,9 @@ class Trainer:
         self._trail = Trail()
         self._log_from: int | None = None
         self._call_rest = self._cut_rest = 0
+        # Array results of the latest validation and of the latest test
+        # (``nnxfit.metrics.ConfusionMatrix``...): {"val_confusion": array}; logs hold scalars.
+        self.array_metrics: dict[str, np.ndarray] = {}
 
     # ======================================================================= public API ===
     @_attach
@@ -313,8 +316,10 @@ class Trainer:
     def validate(
         self, module: TrainModule, data: Any, *, batch_size: int | None = None
     ) -> dict[str, float]:
-        """Mean of ``validation_step`` over every example of ``data``, keys prefixed ``val_``.
-        Arrays (``(x, y)``) are batched by ``batch_size`` (32), Keras's ``evaluate``."""
+        """``validation_step`` over every example of ``data``, keys prefixed ``val_``: batch
+        means averaged over examples, whole-set metrics (``nnxfit.metrics``) computed from
+        their sums; array results go to ``trainer.array_metrics``. Arrays (``(x, y)``) are
+        batched by ``batch_size`` (32), Keras's ``evaluate``."""
         self._check_module(module)
         data = eval_inputs(data, batch_size, "validate")
         if not has_validation_step(module):
@@ -323,6 +328,31 @@ class Trainer:
             return self._validate(data)
         programs, leaves = self._eval_programs(module)
         return self._run_validation(programs, leaves, data)
+
+    @_attach
+    def test(
+        self, module: TrainModule, data: Any, *, batch_size: int | None = None
+    ) -> dict[str, float]:
+        """``test_step`` over every example of ``data``, as ``validate`` does with
+        ``validation_step``; keys prefixed ``test_``. Works on a module never fitted. Calls
+        ``on_test_start`` / ``on_test_end(logs)`` of the Trainer's and the module's callbacks
+        (the CSVLogger adds a ``kind="test"`` row to ``metrics.csv``)."""
+        self._check_module(module)
+        data = eval_inputs(data, batch_size, "test")
+        if not has_test_step(module):
+            module.test_step(None)  # raises the explanatory NotImplementedError
+        mine = as_callbacks(
+            module.configure_callbacks(), f"{type(module).__name__}.configure_callbacks()"
+        )
+        cbs = CallbackList(self._default_callbacks() + self.callbacks + mine)
+        for cb in cbs.for_hook("on_test_start"):
+            cb.on_test_start(self, module)
+        programs, leaves = self._eval_programs(module)
+        limit = self.fast_dev_run or None
+        logs = self._run_validation(programs, leaves, data, "test_step", limit)
+        for cb in cbs.for_hook("on_test_end"):
+            cb.on_test_end(self, module, logs)
+        return logs
 
     @_attach
     def predict(self, module: TrainModule, data: Any, *, batch_size: int | None = None) -> Any:
@@ -826,33 +856,46 @@ class Trainer:
         self._hook("on_validation_end", logs)
         return logs
 
-    def _run_validation(self, programs: Programs, module_leaves: list, data: Any) -> dict:
-        acc = None
-        spec = None
+    def _run_validation(
+        self,
+        programs: Programs,
+        module_leaves: list,
+        data: Any,
+        method: str = "validation_step",
+        limit: int | None = -1,
+    ) -> dict:
+        """Runs ``method`` (``validation_step``/``test_step``) over ``data`` on the device,
+        summing its outputs in one accumulator (``eval_accum.py``); reads it once at the end.
+        ``limit``: batches to run (None: all; default: ``limit_val_batches``)."""
+        where, prefix = ("test", "test_") if method == "test_step" else ("validation", "val_")
+        limit = self.limit_val_batches if limit == -1 else limit
+        program = programs.eval_program(method)
+        acc = spec = None
         # During fit a signal cuts a validation short (``_interrupt``; its metrics are never
         # logged), and the host queues only ``VAL_MAX_LAG_S`` of batches (a batch's running
         # count, not donated, is ready once the device has done it): a stop waits for those.
         watch = self.fitting
         queue = DeviceQueue(VAL_MAX_LAG_S, wait=wait_ready) if watch else None
-        for i, batch in enumerate(epoch_batches(data, 0, limit=self.limit_val_batches)):
+        for i, batch in enumerate(epoch_batches(data, 0, limit=limit)):
             if watch and self._signal is not None:
                 self._interrupt()
             if spec is None:
-                spec = BatchSpec(batch, "validation")
-                names = programs.eval_metric_names(module_leaves, batch)
-                acc = ({k: jnp.zeros((), jnp.float32) for k in names}, jnp.zeros((), jnp.float32))
-                acc = self.placement.put_state(acc)
+                batch_spec = BatchSpec(batch, where)
+                spec = programs.eval_spec(module_leaves, batch, method)
+                acc = self.placement.put_state(spec.zeros())
             else:
-                spec.check(batch, i)
+                batch_spec.check(batch, i)
             for part in self.placement.eval_parts(batch):  # one part unless on a mesh
-                acc = programs.eval_batch(module_leaves, acc, part.batch)
+                acc = program(module_leaves, acc, part.batch)
             if queue is not None:
                 queue.sent(acc[1])
         if acc is None:
-            raise EmptyDataError("validation data yielded no batch; pass a non-empty loader.")
+            raise EmptyDataError(f"{where} data yielded no batch; pass a non-empty loader.")
         wait_ready(jax.tree.leaves(acc))
-        sums, count = jax.device_get(acc)
-        return {f"val_{k}": float(v) / float(count) for k, v in sums.items()}
+        logs, arrays = spec.finish(jax.device_get(acc), prefix)
+        kept = {k: v for k, v in self.array_metrics.items() if not k.startswith(prefix)}
+        self.array_metrics = {**kept, **arrays}  # the latest val_* and the latest test_*
+        return logs
 
     def _eval_programs(self, module: TrainModule) -> tuple[Programs, list]:
         if self.fitting and module is self.module:

@@ -21,6 +21,7 @@ NAMES = [
     "custom_callback",
     "data_parallel",
     "fsdp",
+    "digits_f1_export",
 ]
 
 
@@ -113,3 +114,11 @@ def test_data_parallel(runs):
 def test_fsdp(runs):
     line, _, _ = check(runs, "fsdp")
     assert "per device of" in line
+
+
+def test_digits_f1_export(runs):
+    line, out, cwd = check(runs, "digits_f1_export")
+    f1 = float(re.search(r"test_f1=([0-9.]+)", line).group(1))
+    assert 0.0 <= f1 <= 1.0 and "test confusion matrix" in out
+    assert line.endswith("fresh-process predictions equal: True")
+    assert (cwd / "runs/digits_f1/weights").is_dir()

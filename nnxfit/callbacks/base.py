@@ -16,6 +16,8 @@ HOOKS = (
     "on_train_batch_end",
     "on_validation_start",
     "on_validation_end",
+    "on_test_start",
+    "on_test_end",
     "on_interrupt",
     "on_exception",
 )
@@ -83,6 +85,12 @@ class Callback:
 
     def on_validation_end(self, trainer: Trainer, module, logs: dict) -> None:
         pass
+
+    def on_test_start(self, trainer: Trainer, module) -> None:
+        """``Trainer.test`` is about to run ``test_step`` over its data."""
+
+    def on_test_end(self, trainer: Trainer, module, logs: dict) -> None:
+        """``Trainer.test`` is done; ``logs`` holds its ``test_*`` metrics."""
 
     def on_interrupt(self, trainer: Trainer, module) -> None:
         """SIGTERM/SIGINT arrived; the step in flight finished. Save what must survive."""

@@ -6,7 +6,9 @@ The file (read it with ``csv.DictReader`` or ``pandas.read_csv``):
 * ``kind`` is ``"train"`` for a log-interval row (means over the steps since the previous
   one, written from ``on_train_batch_end`` every ``log_every_n_steps``) and ``"epoch"`` for
   an epoch-end row (epoch means of the train metrics, the ``val_*`` metrics and whatever other
-  callbacks added to the epoch logs: the same values as ``History``);
+  callbacks added to the epoch logs: the same values as ``History``), and ``"test"`` for the
+  ``test_*`` metrics of a ``Trainer.test`` (appended to the file, at the step and epoch the
+  last fit ended at);
 * ``step`` is the number of optimizer steps done when the row was logged, ``epoch`` counts
   from 0; a metric a row does not have is an empty cell (NaN in pandas), a NaN value is
   ``nan``. Floats are written with ``repr``, so they read back bit for bit.
@@ -102,6 +104,27 @@ class CSVLogger(Callback):
         if self._file is not None:
             self._write(trainer.global_step, epoch, "epoch", logs)
             self._file.flush()
+
+    def on_test_end(self, trainer, module, logs: dict) -> None:
+        """Appends one ``kind="test"`` row (widening the header if needed); the file is
+        created if no fit wrote it."""
+        if not trainer.is_global_zero or trainer.fast_dev_run:
+            return
+        if self._file is not None:  # test inside a fit: the file is open
+            self._write(trainer.global_step, trainer.current_epoch, "test", logs)
+            self._file.flush()
+            return
+        path = os.path.join(trainer.workdir or "", self.filename)
+        self.path = path
+        self._columns, rows = _read_rows(path) if os.path.exists(path) else (list(BASE_COLUMNS), [])
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._rewrite(rows)
+        try:
+            self._write(trainer.global_step, trainer.current_epoch, "test", logs)
+        finally:
+            self._close()
 
     def on_interrupt(self, trainer, module) -> None:
         if self._file is not None:

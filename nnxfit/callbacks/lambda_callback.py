@@ -33,6 +33,8 @@ class LambdaCallback(Callback):
         on_train_batch_end: Callable | None = None,
         on_validation_start: Callable | None = None,
         on_validation_end: Callable | None = None,
+        on_test_start: Callable | None = None,
+        on_test_end: Callable | None = None,
         on_interrupt: Callable | None = None,
         on_exception: Callable | None = None,
         *,
@@ -47,6 +49,8 @@ class LambdaCallback(Callback):
             on_train_batch_end=on_train_batch_end,
             on_validation_start=on_validation_start,
             on_validation_end=on_validation_end,
+            on_test_start=on_test_start,
+            on_test_end=on_test_end,
             on_interrupt=on_interrupt,
             on_exception=on_exception,
         )
