@@ -42,6 +42,7 @@ from nnxfit.data import (
     num_batches,
     take_batches,
 )
+from nnxfit.device_clock import DeviceClock, DeviceProgress
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
 from nnxfit.module import TrainModule, attached, has_validation_step
@@ -200,6 +201,7 @@ class Trainer:
         self.dispatch_step = 0
         self.dispatch_epoch: int | None = None
         self.lookahead = 0
+        self._device_clock = DeviceClock(wait_ready)
         self.cb = CallbackList([])
         self._leaves: list | None = None
         self._journal: collections.deque | None = None  # calls to re-run (speculation)
@@ -207,6 +209,14 @@ class Trainer:
         self._eval_cache: dict = {}
 
     # ======================================================================= public API ===
+    @property
+    def device_progress(self) -> DeviceProgress:
+        """How far the device had got by the event the hooks are seeing: the steps it was known
+        to have finished (never more than ``global_step``), when that became known, and the
+        time that was not training (``nnxfit.device_clock``). Rates and ETAs come from here,
+        not from when hooks run: hooks trail the device by up to ``lookahead`` events."""
+        return self._device_clock.progress
+
     @_attach
     def fit(self, module: TrainModule, train_data: Any, val_data: Any = None, *, resume=False):
         """Train ``module`` in place; returns the ``History``. See the README for resume."""
@@ -290,6 +300,7 @@ class Trainer:
         # is dispatched.
         self.lookahead = ahead = self._lookahead()
         self._start_speculation()
+        self._device_clock.start(self.global_step)
         pending: collections.deque[_Event] = collections.deque()
         events = self._dispatch()
         try:
@@ -390,6 +401,7 @@ class Trainer:
             batch = 0
 
     def _deliver(self, ev: _Event) -> None:
+        self._device_clock.deliver(self.global_step + ev.n_steps, ev.snap)
         if ev.kind == "start":
             self._hook("on_train_epoch_start", ev.epoch)
         elif ev.kind == "call":
@@ -420,17 +432,20 @@ class Trainer:
         calls = self._plan_calls(epoch, start)
         if self.prefetch:
             calls = _Prefetch(calls, self.prefetch)
-        it, clock = iter(calls), time.perf_counter
+        it, clock, device = iter(calls), time.perf_counter, self._device_clock
         try:
             while True:
                 t0 = clock()
                 item = next(it, None)
-                self.data_wait_seconds += clock() - t0
+                wait = clock() - t0
+                self.data_wait_seconds += wait
+                device.poll(t0, wait, epoch)
                 if item is None:
                     return
                 kind, batch, n_steps, n_batches = item
                 single, multi = self._calls
                 self._leaves = (single if kind == "single" else multi)(self._leaves, batch)
+                device.sent(n_steps, self._leaves[-1])
                 if self._journal is not None:
                     self._journal.append((kind, batch))
                 yield n_steps, n_batches
@@ -706,9 +721,10 @@ class Trainer:
 
     # ===================================================================== validation ===
     def _validate(self, data: Any) -> dict[str, float]:
-        self._hook("on_validation_start")
-        logs = self._run_validation(self._programs, self._leaves[: self._n_module], data)
-        self._hook("on_validation_end", logs)
+        with self._device_clock.excluding():  # validation is not training time
+            self._hook("on_validation_start")
+            logs = self._run_validation(self._programs, self._leaves[: self._n_module], data)
+            self._hook("on_validation_end", logs)
         return logs
 
     def _run_validation(self, programs: Programs, module_leaves: list, data: Any) -> dict:
