@@ -192,6 +192,7 @@ class ProgressBar(Callback):
         self._seen: DeviceProgress | None = None  # the latest progress shown
         self._t_line = 0.0
         self._val_s = 0.0  # seconds validating in this epoch
+        self._t_val: float | None = None  # when the validation under way started
         self._stop_reason: str | None = None
         self._compile_watch: CompileWatch | None = None
         # Status for the refresh thread: (what, since when); a compile CompileWatch reports.
@@ -278,19 +279,26 @@ class ProgressBar(Callback):
     def on_validation_start(self, trainer, module) -> None:
         if not (self._active and self._epoch_open):
             return
-        # A fit's first validation compiles the validation step (the main thread is inside
-        # it: the refresh thread shows the status).
-        what = "validating" if self._validated else "compiling validation step..."
-        self._busy = (what, self.get_time())
-        self._validated = True
+        self._t_val = self.get_time()
+        if not self._validated:  # a fit's first validation compiles the validation step
+            self._validated = True
+            self._busy = ("compiling validation step...", self._t_val)
         if self._progress is not None:
-            self._progress.update(self._task, description=f"{self._label} validating", refresh=True)
+            p = self._seen = trainer.device_progress  # the steps before it are all done
+            fields = {**self._speed_fields(p), "eta": ""}
+            self._progress.update(
+                self._task,
+                completed=self._done(p),
+                description=f"{self._label} validating",
+                refresh=True,
+                **fields,
+            )
 
     def on_validation_end(self, trainer, module, logs) -> None:
-        if not (self._active and self._epoch_open) or self._busy is None:
+        if not (self._active and self._epoch_open) or self._t_val is None:
             return
-        self._val_s += self.get_time() - self._busy[1]
-        self._busy = None
+        self._val_s += self.get_time() - self._t_val
+        self._t_val = self._busy = None
         if self._progress is not None:
             self._progress.update(self._task, description=self._label)
 
