@@ -69,6 +69,15 @@ def _on_duration(event: str, duration: float, **kwargs: Any) -> None:
             clock.excluded += duration
 
 
+def _is_ready(x: Any) -> bool:
+    """Whether the device finished computing ``x`` (non-blocking); a deleted array (the
+    state was replaced) tells nothing."""
+    try:
+        return x.is_ready()
+    except Exception:  # noqa: BLE001
+        return False
+
+
 class DeviceProgress(NamedTuple):
     """How far the device had got, as far as the host knew at ``time``.
 
@@ -131,17 +140,16 @@ class DeviceClock:
         self._stamps = collections.deque([DeviceProgress(step, now)])
         self._thread = threading.get_ident()
         self._excluding = False  # inside ``excluding()``: compiles in it are excluded already
-        self._probe = None  # an output of the newest call: ready once the device finished it
-        self._sent = step  # steps sent to the device
         self._epoch: int | None = None
         self._last_poll = -math.inf
-        self._at = step  # the step of the event being delivered
-        self._published: DeviceProgress | None = None
+        self._published: DeviceProgress | None = None  # for the hooks' step, cached
+        self._published_at = step
 
-    # -- called by the loop, around each call it sends ---------------------------------------
-    def poll(self, start: float, wait: float, epoch: int) -> None:
+    # -- called by the loop ------------------------------------------------------------------
+    def poll(self, start: float, wait: float, epoch: int, sent: int, newest: Any) -> None:
         """The loop waited ``wait`` seconds from ``start`` for its next batch (of ``epoch``)
-        and is about to send it: has the device finished what it got?"""
+        and is about to send it; ``sent`` steps went out so far, the newest call's output
+        holds ``newest`` (ready once the device finished it). Has the device finished?"""
         self.data_wait += wait
         now = start + wait
         first = epoch != self._epoch
@@ -149,45 +157,33 @@ class DeviceClock:
             return
         self._epoch = epoch
         self._last_poll = now
-        if not self._done():
+        if not _is_ready(newest):
             return
-        s = self._covering(self._sent)
-        if first and s.step >= self._sent:
+        s = self._covering(sent)
+        if first and s.step >= sent:
             # The device finished the previous epoch and has waited since: from when that
             # became known until the loop asked for this epoch's first batch was epoch-end
             # work, not training (validation and compiles in it were excluded already: max).
             self.excluded = max(self.excluded, s.excluded + start - s.time)
         self.data_wait_idle += wait  # the device ran out of work during this wait
-        self._stamp(self._sent, now)
+        self._stamp(sent, now)
 
-    def sent(self, n_steps: int, probe: Any) -> None:
-        """A call of ``n_steps`` steps went out; ``probe`` is one of its (small) outputs, ready
-        when the call is done."""
-        self._sent += n_steps
-        self._probe = probe
-
-    # -- called by the Trainer as it delivers events and validates ---------------------------
-    def deliver(self, step: int, snap: list | None) -> None:
-        """The hooks are about to see an event that ends at ``step``; ``snap`` is its log read,
-        if any, which the Trainer waits for anyway: waiting here first times the device."""
-        self._at = step
-        self._published = None
-        if snap is not None:
-            self._wait(snap)
-            self._stamp(step, self.clock())
-            self._forget_before(step)
+    def read(self, step: int, snap: list) -> None:
+        """The hooks are about to see a log step or an epoch end at ``step``, whose metrics
+        ``snap`` the Trainer reads and so waits for anyway: waiting here first times it."""
+        self._wait(snap)
+        self._stamp(step, self.clock())
+        self._forget_before(step)
 
     @contextlib.contextmanager
-    def excluding(self):
+    def excluding(self, sent: int, newest: Any):
         """Validation inside a fit: not training time. It starts once the device finished the
-        train steps sent before it (validation waits for them anyway)."""
-        probe = self._probe
-        known = probe is None or not probe.is_deleted()
-        if probe is not None and known:
-            self._wait([probe])
+        ``sent`` steps before it (``newest`` is their last output; validation waits for them
+        anyway)."""
+        if newest is not None and not newest.is_deleted():
+            self._wait([newest])
+            self._stamp(sent, self.clock())
         start = self.clock()
-        if known:
-            self._stamp(self._sent, start)
         self._excluding = True
         try:
             yield
@@ -195,33 +191,27 @@ class DeviceClock:
             self._excluding = False
             self.excluded += self.clock() - start
 
-    @property
-    def progress(self) -> DeviceProgress:
-        """The device's progress up to the event being delivered (``Trainer.device_progress``)."""
-        if self._published is None:
-            self._forget_before(self._at)
-            s = self._covering(self._at)
-            self._published = s._replace(step=self._at) if s.step > self._at else s
-        return self._published
+    def progress(self, step: int) -> DeviceProgress:
+        """The device's progress up to ``step``, the hooks' step (``Trainer.device_progress``):
+        the earliest stamp at or past it, as ``step``; else the latest stamp before it."""
+        p = self._published
+        if p is None or self._published_at != step:
+            self._forget_before(step)
+            s = self._covering(step)
+            p = self._published = s._replace(step=step) if s.step > step else s
+            self._published_at = step
+        return p
 
     # -- helpers ----------------------------------------------------------------------------
-    def _done(self) -> bool:
-        probe = self._probe
-        if probe is None:
-            return True
-        try:
-            return probe.is_ready()
-        except Exception:  # noqa: BLE001 - deleted (the state was replaced): nothing to tell
-            return False
-
     def _stamp(self, step: int, now: float) -> None:
         stamps = self._stamps
         if step > stamps[-1].step:  # an older step's stamp has an earlier time already
             stamps.append(
                 DeviceProgress(step, now, self.excluded, self.data_wait, self.data_wait_idle)
             )
-            if len(stamps) > 64:
-                self._forget_before(self._at)
+            self._published = None
+            if len(stamps) > 64:  # nobody asked for a while: keep what they still may
+                self._forget_before(self._published_at)
 
     def _covering(self, step: int) -> DeviceProgress:
         """The earliest stamp at or past ``step`` (else the latest)."""

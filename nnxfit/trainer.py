@@ -215,7 +215,7 @@ class Trainer:
         to have finished (never more than ``global_step``), when that became known, and the
         time that was not training (``nnxfit.device_clock``). Rates and ETAs come from here,
         not from when hooks run: hooks trail the device by up to ``lookahead`` events."""
-        return self._device_clock.progress
+        return self._device_clock.progress(self.global_step)
 
     @_attach
     def fit(self, module: TrainModule, train_data: Any, val_data: Any = None, *, resume=False):
@@ -401,7 +401,8 @@ class Trainer:
             batch = 0
 
     def _deliver(self, ev: _Event) -> None:
-        self._device_clock.deliver(self.global_step + ev.n_steps, ev.snap)
+        if ev.snap is not None:  # the read below waits for the device: time when it is done
+            self._device_clock.read(self.global_step + ev.n_steps, ev.snap)
         if ev.kind == "start":
             self._hook("on_train_epoch_start", ev.epoch)
         elif ev.kind == "call":
@@ -439,13 +440,12 @@ class Trainer:
                 item = next(it, None)
                 wait = clock() - t0
                 self.data_wait_seconds += wait
-                device.poll(t0, wait, epoch)
+                device.poll(t0, wait, epoch, self.dispatch_step, self._leaves[-1])
                 if item is None:
                     return
                 kind, batch, n_steps, n_batches = item
                 single, multi = self._calls
                 self._leaves = (single if kind == "single" else multi)(self._leaves, batch)
-                device.sent(n_steps, self._leaves[-1])
                 if self._journal is not None:
                     self._journal.append((kind, batch))
                 yield n_steps, n_batches
@@ -721,7 +721,8 @@ class Trainer:
 
     # ===================================================================== validation ===
     def _validate(self, data: Any) -> dict[str, float]:
-        with self._device_clock.excluding():  # validation is not training time
+        # Validation is not training time.
+        with self._device_clock.excluding(self.dispatch_step, self._leaves[-1]):
             self._hook("on_validation_start")
             logs = self._run_validation(self._programs, self._leaves[: self._n_module], data)
             self._hook("on_validation_end", logs)

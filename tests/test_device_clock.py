@@ -36,97 +36,99 @@ class Clock:
         return self.t
 
 
-def make_clock():
-    clock, waited = Clock(), []
+class Loop:
+    """Drives a DeviceClock as the Trainer's loop does, with a fake clock and fake outputs."""
 
-    def wait(arrays):  # the Trainer's wait_ready: here the device finishes on request
-        waited.append(arrays)
+    def __init__(self):
+        self.clock, self.waited = Clock(), []
+        self.dc = DeviceClock(self.wait, self.clock)
+        self.dc.start(0)
+        self.sent, self.newest = 0, Output(ready=True)  # nothing sent: the device is idle
+
+    def wait(self, arrays):  # the Trainer's wait_ready: here the device finishes on request
+        self.waited.append(arrays)
         for a in arrays:
             a.ready = True
 
-    dc = DeviceClock(wait, clock)
-    dc.start(0)
-    return dc, clock, waited
+    def call(self, epoch, n=1, wait=0.0, ready=False, after=0.0):
+        """Waits ``wait`` s for a batch, sends a call of ``n`` steps, then ``after`` s of
+        dispatch and hooks pass; the call's output is ``ready`` or not."""
+        start = self.clock.t
+        self.clock.t += wait
+        self.dc.poll(start, wait, epoch, self.sent, self.newest)
+        self.sent += n
+        self.newest = Output(ready)
+        self.clock.t += after
+        return self.newest
 
-
-def send(dc, clock, epoch, n=1, wait=0.0, ready=False):
-    """One call of the loop: wait for the batch, poll, send."""
-    start = clock.t
-    clock.t += wait
-    dc.poll(start, wait, epoch)
-    out = Output(ready)
-    dc.sent(n, out)
-    return out
+    def read(self, step):
+        self.dc.read(step, [Output()])
+        return self.dc.progress(step)
 
 
 def test_hooks_never_see_the_device_ahead_of_them_nor_unconfirmed_steps():
-    dc, clock, _ = make_clock()
-    outs = [send(dc, clock, 0) for _ in range(8)]  # 8 calls out, none known done
+    loop = Loop()
+    clock, dc = loop.clock, loop.dc
+    for _ in range(8):  # 8 calls out, none known done
+        loop.call(0)
     clock.t = 101.0
-    dc.deliver(1, None)  # the hooks see call 1: nothing confirmed yet
-    assert dc.progress == DeviceProgress(0, 100.0)
-    outs[-1].ready = True  # the device caught up; the loop asks before its next call
+    assert dc.progress(1) == DeviceProgress(0, 100.0)  # the hooks see call 1: unconfirmed
+    loop.newest.ready = True  # the device caught up; the loop asks before its next call
     clock.t = 102.0
-    send(dc, clock, 0)  # poll: everything sent (8 steps) done by t=102
-    dc.deliver(2, None)
+    loop.call(0)  # everything sent (8 steps) known done at t=102
     # Step 2 was done by 102 at the latest: shown as step 2, not 8 (the hooks are at 2).
-    assert dc.progress.step == 2 and dc.progress.time == 102.0
+    assert dc.progress(2).step == 2 and dc.progress(2).time == 102.0
     # A log read at step 9 waits for the call and stamps when that wait ended.
     clock.t = 105.0
-    snap = [Output()]
-    dc.deliver(9, snap)
-    assert snap[0].ready and dc.progress == DeviceProgress(9, 105.0)
+    assert loop.read(9) == DeviceProgress(9, 105.0)
 
 
-def test_epoch_gap_compiles_and_validation_are_not_training_time():
-    dc, clock, _ = make_clock()
-    start = dc.progress
-    # First epoch: 4 calls; the device keeps up (each poll finds the last call done).
+def test_epoch_gap_and_validation_are_not_training_time():
+    loop = Loop()
+    clock, dc = loop.clock, loop.dc
+    start = dc.progress(0)
+    # First epoch: 4 calls of 1 s (0.5 s data wait, 0.5 s dispatch and hooks); the device
+    # keeps up: each poll finds the last call done.
     for _ in range(4):
-        send(dc, clock, 0, wait=0.5, ready=True)
-        clock.t += 0.5  # dispatch and hooks
+        loop.call(0, wait=0.5, after=0.5, ready=True)
     # Epoch end: the read at step 4 confirms it at t=104; then validation (10 s, excluded)
-    # and epoch-end hooks (5 s, e.g. a checkpoint) while the device sits idle.
-    dc.deliver(4, [Output()])
-    end = dc.progress
+    # and epoch-end hooks (5 s, a checkpoint, say) while the device sits idle.
+    end = loop.read(4)
     assert end.step == 4 and steps_per_second(start, end) == pytest.approx(1.0)
-    with dc.excluding():
+    with dc.excluding(loop.sent, loop.newest):
         clock.t += 10.0
     clock.t += 5.0
-    # Second epoch: its first batch wait starts the clock again; 4 calls of 1 s.
+    # Second epoch: its first batch wait starts the training clock again.
     for _ in range(4):
-        send(dc, clock, 1, wait=0.5, ready=True)
-        clock.t += 0.5
-    dc.deliver(8, [Output()])
-    p = dc.progress
+        loop.call(1, wait=0.5, after=0.5, ready=True)
+    p = loop.read(8)
     assert p.time == 123.0 and p.excluded == pytest.approx(15.0)
     assert steps_per_second(end, p) == pytest.approx(1.0)  # 4 steps in 4 s of training
     assert p.data_wait == pytest.approx(4.0) and p.data_wait_idle == pytest.approx(4.0)
 
 
 def test_validation_waits_for_the_train_steps_before_it():
-    dc, clock, waited = make_clock()
-    out = send(dc, clock, 0, n=3)  # the device is busy with it
-    with dc.excluding():
-        assert waited == [[out]]  # validation's time starts once the device finished
-        clock.t += 2.0
-    assert dc.excluded == pytest.approx(2.0)
-    dc.deliver(3, None)
-    assert dc.progress.step == 3  # the wait confirmed the 3 steps
+    loop = Loop()
+    out = loop.call(0, n=3)  # the device is busy with it
+    with loop.dc.excluding(loop.sent, out):
+        assert loop.waited == [[out]]  # validation's time starts once the device finished
+        loop.clock.t += 2.0
+    assert loop.dc.excluded == pytest.approx(2.0)
+    assert loop.dc.progress(3).step == 3  # the wait confirmed the 3 steps
 
 
 def test_a_data_wait_counts_as_idle_only_when_the_device_ran_out_of_work():
-    dc, clock, _ = make_clock()
-    send(dc, clock, 0, wait=1.0)  # first call: nothing before it, the device was idle
-    out = send(dc, clock, 0, wait=1.0)  # the first call still ran at the end of this wait
+    loop = Loop()
+    loop.call(0, wait=1.0)  # first call: nothing before it, the device was idle
+    out = loop.call(0, wait=1.0)  # the first call still ran at the end of this wait
     out.ready = True
-    send(dc, clock, 0, wait=1.0)  # the device had finished the second one: it waited
-    assert dc.data_wait == pytest.approx(3.0)
-    assert dc.data_wait_idle == pytest.approx(2.0)  # the first and the last wait
+    loop.call(0, wait=1.0)  # the device had finished the second one: it waited
+    assert loop.dc.data_wait == pytest.approx(3.0)
+    assert loop.dc.data_wait_idle == pytest.approx(2.0)  # the first and the last wait
 
 
 def test_compiles_on_the_loop_thread_are_excluded_once():
-    dc, clock, _ = make_clock()
+    dc = Loop().dc
     jax.jit(lambda x: x * 3 + 1)(jnp.ones(3))  # a new program: traced and compiled here
     compiled = dc.excluded
     assert compiled > 0
@@ -134,7 +136,7 @@ def test_compiles_on_the_loop_thread_are_excluded_once():
     other.start()
     other.join()
     assert dc.excluded == compiled  # another thread's compile is not this loop's
-    with dc.excluding():  # compiles inside validation count once, as validation time
+    with dc.excluding(0, None):  # compiles inside validation count once, as validation time
         jax.jit(lambda x: x * 7 + 4)(jnp.ones(3))
     assert dc.excluded == compiled  # the fake clock stood still
 
