@@ -7,7 +7,10 @@ into ``WORKDIR/plots/`` (or ``out_dir``):
   axes (``loss`` with ``val_loss``, ``accuracy`` with ``val_accuracy``), and names with a
   ``/`` join the family of their prefix (``grad_norm`` with ``grad_norm/encoder``). Each
   train metric is drawn twice: thin, per log interval (the CSV's ``train`` rows) and with
-  markers, as epoch means (its ``epoch`` rows); ``val_`` metrics come from the epoch rows.
+  markers, per epoch (its ``epoch`` rows); ``val_`` metrics come from the epoch rows. Most
+  train metrics are means over the interval or the epoch; those the Trainer logs as the value
+  at a step (``lr``, ``lr/<name>``, and the running counts ``nonfinite_steps`` and
+  ``spike_steps``) are labelled "at each log step" and "at epoch end" instead.
   The x axis is the optimizer step. A loss family that stays positive and spans two decades
   or more gets a log scale. Characters other than letters, digits, ``_ . -`` in a family
   name become ``_`` in the file name.
@@ -33,6 +36,13 @@ METRICS_FILE = "metrics.csv"
 PLOTS_DIR = "plots"
 OVERVIEW = "overview"
 _NOT_METRICS = {"step", "epoch", "kind"}
+# Logged as their value at the interval's or epoch's last step, not as a mean over its steps.
+AT_STEP = {"lr", "nonfinite_steps", "spike_steps"}
+
+
+def is_at_step(name: str) -> bool:
+    """Whether ``name`` is logged as its value at a step (``lr``), not a mean over steps."""
+    return name in AT_STEP or name.startswith("lr/")
 
 
 class PlotError(NnxfitError, ValueError):
@@ -110,6 +120,11 @@ def read_families(csv_path: str | os.PathLike) -> dict[str, list[Series]]:
         family = base.split("/")[0]
         if name.startswith("val_"):
             candidates = [Series(name, style="val", base=base)]
+        elif is_at_step(name):
+            candidates = [
+                Series(f"{name} (at each log step)", style="interval", base=base),
+                Series(f"{name} (at epoch end)", style="epoch", base=base),
+            ]
         else:
             candidates = [
                 Series(f"{name} (train, per log interval)", style="interval", base=base),

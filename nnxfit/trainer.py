@@ -42,6 +42,7 @@ from nnxfit.data import (
     num_batches,
     take_batches,
 )
+from nnxfit.device_clock import DeviceClock, DeviceProgress
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
 from nnxfit.history import History
 from nnxfit.inputs import eval_inputs, fit_inputs
@@ -216,6 +217,7 @@ class Trainer:
         self.dispatch_step = 0
         self.dispatch_epoch: int | None = None
         self.lookahead = 0
+        self._device_clock = DeviceClock(wait_ready)
         self.cb = CallbackList([])
         self._leaves: list | None = None
         self._journal: collections.deque | None = None  # calls to re-run (speculation)
@@ -233,6 +235,14 @@ class Trainer:
         self.array_metrics: dict[str, np.ndarray] = {}
 
     # ======================================================================= public API ===
+    @property
+    def device_progress(self) -> DeviceProgress:
+        """How far the device had got by the event the hooks are seeing: the steps it was known
+        to have finished (never more than ``global_step``), when that became known, and the
+        time that was not training (``nnxfit.device_clock``). Rates and ETAs come from here,
+        not from when hooks run: hooks trail the device by up to ``lookahead`` events."""
+        return self._device_clock.progress(self.global_step)
+
     @_attach
     def fit(
         self,
@@ -383,6 +393,7 @@ class Trainer:
         # is dispatched.
         self.lookahead = ahead = self._lookahead()
         self._start_speculation()
+        self._device_clock.start(self.global_step)
         pending: collections.deque[_Event] = collections.deque()
         events = self._dispatch()
         try:
@@ -495,6 +506,8 @@ class Trainer:
             yield _Event("interrupt", self.dispatch_epoch, barrier=True)
 
     def _deliver(self, ev: _Event) -> None:
+        if ev.snap is not None:  # the read below waits for the device: time when it is done
+            self._device_clock.read(self.global_step + ev.n_steps, ev.snap)
         calls = self._trail.calls  # where calls ended, under NaNGuard("stop") only
         if ev.kind == "start":
             if calls is not None:
@@ -536,12 +549,14 @@ class Trainer:
         calls = self._plan_calls(epoch, start)
         if self.prefetch:
             calls = _Prefetch(calls, self.prefetch)
-        it, clock = iter(calls), time.perf_counter
+        it, clock, device = iter(calls), time.perf_counter, self._device_clock
         try:
             while True:
                 t0 = clock()
                 item = next(it, None)
-                self.data_wait_seconds += clock() - t0
+                wait = clock() - t0
+                self.data_wait_seconds += wait
+                device.poll(t0, wait, epoch, self.dispatch_step, self._leaves[-1])
                 if item is None:
                     return
                 kind, batch, n_steps, n_batches = item
@@ -851,9 +866,11 @@ class Trainer:
 
     # ===================================================================== validation ===
     def _validate(self, data: Any) -> dict[str, float]:
-        self._hook("on_validation_start")
-        logs = self._run_validation(self._programs, self._leaves[: self._n_module], data)
-        self._hook("on_validation_end", logs)
+        # Validation is not training time.
+        with self._device_clock.excluding(self.dispatch_step, self._leaves[-1]):
+            self._hook("on_validation_start")
+            logs = self._run_validation(self._programs, self._leaves[: self._n_module], data)
+            self._hook("on_validation_end", logs)
         return logs
 
     def _run_validation(

@@ -62,6 +62,11 @@ def test_families_group_val_and_submodule_metrics(tmp_path):
         ("loss (train, epoch mean)", [4], [0.75]),
         ("val_loss", [4], [0.8]),
     ]
+    # lr is the rate at the interval's or the epoch's last step, not a mean: labelled so.
+    assert [(s.label, s.steps, s.values) for s in fams["lr"]] == [
+        ("lr (at each log step)", [2, 4], [0.1, 0.1]),
+        ("lr (at epoch end)", [4], [0.1]),
+    ]
     grad = {s.label: s.steps for s in fams["grad_norm"]}
     assert grad["grad_norm/enc (train, per log interval)"] == [2]  # the nan point is left out
     paths = plot_run(tmp_path, out_dir=tmp_path / "out")

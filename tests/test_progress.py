@@ -6,12 +6,15 @@ import sys
 import time
 
 import pytest
+from jax import monitoring
 from models import Classifier, toy_data
 from rich.console import Console
 
 import nnxfit
 from nnxfit.callbacks.progress import ProgressBar, format_value
+from nnxfit.compile_watch import TRACE_EVENT
 from nnxfit.data import ArrayLoader
+from nnxfit.device_clock import DeviceProgress
 from nnxfit.errors import ConfigError
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -35,20 +38,27 @@ def data(n=48, batch=4):
     return ArrayLoader((x, y), batch), ArrayLoader((x, y), 16)
 
 
+def render(bar):
+    """The live bar as the terminal shows it at this moment."""
+    c = Console(file=io.StringIO(), width=100)
+    c.print(bar.progress.get_renderable())
+    return c.file.getvalue().strip()
+
+
 class Snapshots(nnxfit.Callback):
-    """Renders the live bar after each call, as the terminal would show it at that moment."""
+    """Renders the live bar after each call, with the device's progress the hooks saw."""
 
     order = 95  # after the bar has taken the call's step and logs
     reads_module = False
+    epoch_end_barrier = False
 
     def __init__(self, bar):
         self.bar = bar
         self.frames = []
 
     def on_train_batch_end(self, trainer, module, step, logs):
-        c = Console(file=io.StringIO(), width=100)
-        c.print(self.bar.progress.get_renderable())
-        self.frames.append((step, bool(logs), c.file.getvalue().strip()))
+        confirmed = trainer.device_progress.step
+        self.frames.append((step, bool(logs), render(self.bar), confirmed))
 
 
 def epoch_line(h, e, n_epochs, done, total):
@@ -70,13 +80,18 @@ def test_terminal_live_bar_with_steps_per_execution(monkeypatch):
     )
     h = trainer.fit(Classifier(), train, val_data=val)
 
-    # Mid-epoch the bar counts optimizer steps (4 per call), per epoch, against 12.
-    assert [s for s, _, _ in snaps.frames] == [4, 8, 12, 16, 20, 24]
-    for step, logged, frame in snaps.frames:
-        done = (step - 1) % 12 + 1
-        assert frame.startswith(f"Epoch {(step - 1) // 12 + 1}/2"), frame
-        assert f" {done}/12 " in frame, frame
+    # Mid-epoch the bar counts optimizer steps (4 per call), per epoch, against 12: the steps
+    # the device is known to have finished, never more, even when the hooks saw more (the
+    # device runs up to trainer.lookahead events ahead of them, and the hooks see its calls
+    # in bursts). At a log step the Trainer read the metrics: the device is there.
+    assert [s for s, _, _, _ in snaps.frames] == [4, 8, 12, 16, 20, 24]
+    for step, logged, frame, confirmed in snaps.frames:
+        epoch = (step - 1) // 12
+        assert frame.startswith(f"Epoch {epoch + 1}/2"), frame
+        shown = int(re.search(r" (\d+)/12\b", frame).group(1))
+        assert shown == confirmed - 12 * epoch and confirmed <= step, (frame, confirmed)
         if logged:  # steps 8, 16, 24: the interval's mean loss is on the bar
+            assert confirmed == step
             assert re.search(r"loss: \d\.\d+", frame), frame
     assert "loss:" not in snaps.frames[0][2]  # nothing logged yet at step 4
     assert re.search(r"\d+(\.\d+)? steps/s", snaps.frames[-1][2])
@@ -184,10 +199,95 @@ def test_silent_off_process_zero_and_when_disabled():
 class FakeTrainer:
     is_global_zero = True
     max_epochs, max_steps, steps_per_epoch = 3, None, 10**6
-    grad_accum_steps, batch_in_epoch, global_step = 1, 0, 0
+    grad_accum_steps, batch_in_epoch, global_step, current_epoch = 1, 0, 0, 0
+    cb = ()
 
-    def __init__(self, console):
+    def __init__(self, console, steps_per_epoch=10**6):
         self.console = console
+        self.steps_per_epoch = steps_per_epoch
+        self.device_progress = DeviceProgress(0, 0.0)
+
+
+def test_bar_counts_and_times_what_the_device_finished(monkeypatch):
+    # The hooks got 10 calls in a burst while the device was known to have finished 4 steps
+    # in 2 s of training time: the bar shows 4 steps at 2 steps/s, not 10 in no time.
+    con = terminal(monkeypatch)
+    trainer = FakeTrainer(con, steps_per_epoch=100)
+    clock = [0.0]
+    bar = ProgressBar(get_time=lambda: clock[0])
+    bar.on_fit_start(trainer, None)
+    try:
+        # At the epoch start the device had done 0 steps; 5 s were compiles and setup.
+        trainer.device_progress = DeviceProgress(0, 10.0, excluded=5.0)
+        bar.on_train_epoch_start(trainer, None, 0)
+        trainer.device_progress = DeviceProgress(4, 12.0, excluded=5.0)
+        for step in range(1, 11):
+            trainer.global_step = step
+            bar.on_train_batch_end(trainer, None, step, {"loss": 0.5} if step == 10 else {})
+        frame = render(bar)
+        assert " 4/100 " in frame and "10/100" not in frame, frame
+        assert " 2 steps/s" in frame and "48.0s" in frame, frame  # 96 steps left at 2/s
+        assert "loss: 0.5" in frame
+        # Epoch end: 100 steps in 50 s, 5 of which were not training (a validation, say).
+        trainer.global_step = 100
+        trainer.device_progress = DeviceProgress(100, 60.0, excluded=10.0)
+        bar.on_train_epoch_end(trainer, None, 0, {"loss": 0.25})
+    finally:
+        bar.on_fit_end(trainer, None)
+    assert "Epoch 1/3 - 100/100 steps - 45.0s (2.22 steps/s) - loss: 0.25" in text_of(con)
+
+
+class Frames(nnxfit.Callback):
+    """Renders the live bar at fit start and validation start (after the bar's own hooks),
+    and while jax compiles the train step (from inside the compile, when the loop is
+    blocked and only rich's refresh thread redraws)."""
+
+    order = 95
+    reads_module = False
+    epoch_end_barrier = False
+
+    def __init__(self, bar):
+        self.bar, self.frames = bar, []
+
+    def on_fit_start(self, trainer, module):
+        self.frames.append(("fit start", render(self.bar)))
+        monitoring.register_event_duration_secs_listener(self.on_compile)
+
+    def on_fit_end(self, trainer, module):
+        monitoring.unregister_event_duration_listener(self.on_compile)
+
+    def on_compile(self, event, duration, **kw):
+        if event == TRACE_EVENT and kw.get("fun_name") in ("_single", "jit(_single)"):
+            self.frames.append(("compiling", render(self.bar)))
+
+    def on_validation_start(self, trainer, module):
+        self.frames.append((f"validation {trainer.current_epoch}", render(self.bar)))
+
+
+def test_bar_says_what_it_compiles_and_the_epoch_line_how_long(monkeypatch):
+    con = terminal(monkeypatch)
+    bar = ProgressBar(console=con)
+    frames = Frames(bar)
+    x, y = toy_data(44)  # batches of 8, 8, 8, 8, 8, 4: the last one compiles a new program
+    trainer = nnxfit.Trainer(max_epochs=2, callbacks=[bar, frames])
+    trainer.fit(Classifier(), ArrayLoader((x, y), 8), val_data=ArrayLoader((x, y), 22))
+    shown = dict(frames.frames[:1] + frames.frames[3:])
+    compiling = [f for k, f in frames.frames if k == "compiling"]
+    # Before the first call (which compiles the train step), and while it compiles.
+    assert "Epoch 1/2" in shown["fit start"] and "compiling train step..." in shown["fit start"]
+    assert len(compiling) == 2, frames.frames
+    assert re.search(r"compiling train step\.\.\. \d", compiling[0]), compiling[0]
+    assert "compiling train step for a new batch shape..." in compiling[1], compiling[1]
+    # The first validation compiles the validation step; the second does not.
+    assert "validating" in shown["validation 0"]
+    assert "compiling validation step..." in shown["validation 0"], shown["validation 0"]
+    assert "compiling" not in shown["validation 1"], shown["validation 1"]
+    # The epoch lines: the compile time where the train step compiled, validation's time.
+    out = text_of(con)
+    lines = [ln.strip() for ln in out.splitlines() if re.match(r"Epoch \d/2 - ", ln.strip())]
+    assert len(lines) == 2, out
+    assert re.search(r" - compile \d+(\.\d+)?m?s - val \d+(\.\d+)?m?s - loss", lines[0])
+    assert " compile " not in lines[1] and re.search(r" - val \d+(\.\d+)?m?s - loss", lines[1])
 
 
 def test_per_call_cost_is_small(monkeypatch):

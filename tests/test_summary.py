@@ -93,6 +93,32 @@ def test_model_summary_prints_at_fit_start(monkeypatch):
     assert f"{L1 + L2:,}" in out
 
 
+def test_piped_output_gets_the_whole_table():
+    # Not a terminal (a pipe, a CI log): rich says 80 columns, which cut names to "n…" and
+    # wrapped every number. The table comes out whole instead, at its own width.
+    con = Console(file=io.StringIO())  # what rich gives stdout in a pipe
+    assert not con.is_terminal and con.width == 80
+    x, y = toy_data(32)
+    trainer = nnxfit.Trainer(max_epochs=1, console=con, callbacks=[ModelSummary(max_depth=-1)])
+    trainer.fit(Classifier(batchnorm=True, dropout=0.1), ArrayLoader((x, y), 16))
+    out = con.file.getvalue()
+    assert "\x1b" not in out and "\u2026" not in out, out  # no escape codes, nothing cut
+    table = out[: out.index("Epoch 1/1")]
+    assert max(len(line.rstrip()) for line in table.splitlines()) > 80
+    r = {k: cells(v) for k, v in rows(table).items()}
+    assert r["net.drop.rngs.count"] == [
+        "net.drop.rngs.count",
+        "RngCount",
+        "0",
+        "1",
+        "()",
+        "u32",
+        "4 B",
+    ]
+    assert r["net.l1.kernel"] == ["net.l1.kernel", "Param", "128", "0", "8x16", "f32", "512 B"]
+    assert r["total"] == ["total", "227", "34", "1.0 KiB"]
+
+
 def test_sharded_arrays_show_per_device_bytes_and_spec():
     # Two host devices need their own process: jax fixes the device count at start-up.
     code = textwrap.dedent(

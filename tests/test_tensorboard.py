@@ -68,6 +68,41 @@ def test_scalars_read_back_with_tensorboard(tmp_path):
         assert [v for _, v in s[tag]] == f32(history.history[name])
 
 
+def layout(log_dir):
+    """The Custom Scalars layout in the folder's event files: {section: {chart: tags}}."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    events = acc.Tensors("custom_scalars__config__")
+    proto = layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
+    return {
+        c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart}
+        for c in proto.category
+    }
+
+
+def test_train_and_val_share_a_chart_in_custom_scalars(tmp_path):
+    trainer = nnxfit.Trainer(
+        max_epochs=2,
+        workdir=tmp_path,
+        progress_bar=False,
+        log_every_n_steps=4,
+        callbacks=[TensorBoardLogger()],
+    )
+    trainer.fit(Classifier(), data(), val_data=ArrayLoader((X, Y), 32))
+    charts = layout(tmp_path / "tensorboard")
+    # One chart per train metric, loss first, drawing its train, epoch and val tags.
+    assert charts == {
+        "train vs val": {
+            "loss": ["^train/loss$", "^epoch/loss$", "^val/loss$"],
+            "accuracy": ["^train/accuracy$", "^epoch/accuracy$", "^val/accuracy$"],
+        }
+    }
+    s = scalars(tmp_path / "tensorboard")  # the tags the charts name, as before
+    assert {"train/loss", "epoch/loss", "val/loss"} <= set(s)
+
+
 def test_events_reach_disk_at_epoch_end_and_the_file_closes_on_an_exception(tmp_path):
     tb = TensorBoardLogger(log_dir=tmp_path / "tb")
 

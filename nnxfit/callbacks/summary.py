@@ -9,10 +9,15 @@ sharding. The last rows split the whole module into trainable params (the module
 
 Works on concrete modules and on abstract ones from ``nnx.eval_shape`` (nothing is
 allocated to summarize a model too big for the host).
+
+``ModelSummary`` prints the table whole when the output is not a terminal (a pipe, a file, a
+CI log): such a console says it is 80 columns wide, which would cut names and wrap numbers,
+and nothing there limits a line's length. On a terminal the table fits the terminal's width.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -213,6 +218,22 @@ def _cells(members: list[VariableInfo], sharded: bool, shapes: bool = True) -> l
     return cells
 
 
+def print_table(console: Console, table: Table) -> None:
+    """Prints ``table`` on ``console``: to the terminal's width on a terminal (or in Jupyter),
+    else whole, at its natural width, as plain text."""
+    if console.is_terminal or console.is_jupyter:
+        console.print(table)
+        return
+    width = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if width <= console.width:
+        console.print(table)
+        return
+    # Console.print never renders wider than the console: render apart, print as is.
+    wide = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    wide.print(table)
+    console.print(wide.file.getvalue().rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+
+
 class ModelSummary(Callback):
     """Prints ``summarize(module, max_depth)`` when ``fit`` starts (process 0 only).
 
@@ -235,7 +256,7 @@ class ModelSummary(Callback):
         if not trainer.is_global_zero:
             return
         console = self.console or getattr(trainer, "console", None) or get_console()
-        console.print(summarize(module, self.max_depth))
+        print_table(console, summarize(module, self.max_depth))
 
     def __repr__(self) -> str:
         return f"ModelSummary(max_depth={self.max_depth})"

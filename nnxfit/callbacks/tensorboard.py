@@ -6,6 +6,13 @@ Tags, all keyed by the global step (optimizer steps done), so every chart shares
 * ``epoch/<name>``: epoch means of the train metrics (and what callbacks add at epoch end);
 * ``val/<name>``: validation metrics, ``val_loss`` as ``val/loss``.
 
+TensorBoard's Scalars tab draws each tag on a chart of its own, so ``epoch/loss`` and
+``val/loss`` never share one there. The file also holds a layout for the Custom Scalars tab
+(written once, at the fit's first epoch end, when the metric names are known): a "train vs
+val" section with one chart per train metric that draws ``train/<name>``, ``epoch/<name>`` and
+``val/<name>`` together. The tags are the same as before, so existing charts and scripts that
+read them keep working.
+
 Each fit writes a new event file that starts with a ``SessionLog.START`` event, which makes
 TensorBoard hide the events of earlier files in the folder from that step on (the
 ``purge_step`` of ``tensorboardX.SummaryWriter``): a resumed fit (``trainer.resume_info``
@@ -29,6 +36,7 @@ memory after it. A few scalars per log event cost microseconds to write inline. 
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -50,6 +58,7 @@ class TensorBoardLogger(Callback):
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
         self.path: str | None = None  # folder of the current (or last) fit
         self._file: _EventFile | None = None
+        self._layout_written = False
 
     def on_fit_start(self, trainer, module) -> None:
         self._close()
@@ -63,6 +72,7 @@ class TensorBoardLogger(Callback):
                     "TensorBoardLogger(log_dir=...) or set Trainer(workdir=...)."
                 )
             log_dir = os.path.join(trainer.workdir, "tensorboard")
+        self._layout_written = False
         info = trainer.resume_info
         purge = info.superseded_from if info is not None else 0
         try:
@@ -96,6 +106,9 @@ class TensorBoardLogger(Callback):
             (f"val/{k[4:]}" if k.startswith("val_") else f"epoch/{k}"): v for k, v in logs.items()
         }
         self._file.scalars(tags, step)
+        if not self._layout_written:
+            self._file.layout(train_vs_val(logs), step)
+            self._layout_written = True
 
     def on_interrupt(self, trainer, module) -> None:
         if self._file is not None:
@@ -116,6 +129,21 @@ class TensorBoardLogger(Callback):
         return f"TensorBoardLogger(log_dir={self.log_dir!r})"
 
 
+LAYOUT_CATEGORY = "train vs val"
+
+
+def train_vs_val(logs: dict) -> dict:
+    """The Custom Scalars layout: per train metric of ``logs`` (loss first), one chart of its
+    ``train/``, ``epoch/`` and ``val/`` tags (tensorboardX's ``custom_scalars`` format)."""
+    names = [k for k in logs if not k.startswith("val_")]
+    names.sort(key=lambda k: k != "loss")
+    charts = {
+        name: ["Multiline", [f"^{p}/{re.escape(name)}$" for p in ("train", "epoch", "val")]]
+        for name in names
+    }
+    return {LAYOUT_CATEGORY: charts}
+
+
 class _EventFile:
     """One event file written inline with tensorboardX's record writer and protos."""
 
@@ -123,9 +151,9 @@ class _EventFile:
         # Imported here: tensorboardX and protobuf take ~2 s to import.
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
-        from tensorboardX.summary import scalar
+        from tensorboardX.summary import custom_scalars, scalar
 
-        self._event, self._scalar = Event, scalar
+        self._event, self._scalar, self._custom_scalars = Event, scalar, custom_scalars
         suffix = f".{time.time_ns():019d}"
         self._writer = EventsWriter(os.path.join(log_dir, "events"), suffix)  # + file_version
         start = SessionLog(status=SessionLog.START)
@@ -140,6 +168,11 @@ class _EventFile:
                 continue  # not a scalar: nothing TensorBoard can chart
             event = self._event(wall_time=now, step=int(step), summary=self._scalar(tag, x))
             self._writer.write_event(event)
+
+    def layout(self, layout: dict, step: int) -> None:
+        event = self._event(wall_time=time.time(), step=int(step))
+        event.summary.CopyFrom(self._custom_scalars(layout))
+        self._writer.write_event(event)
 
     def flush(self) -> None:
         self._writer.flush()

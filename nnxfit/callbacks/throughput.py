@@ -1,39 +1,36 @@
 """``ThroughputMonitor``: steps/s, examples/s, and whether the input pipeline holds training back.
 
-What it measures, without adding a single device sync:
+It only records: its hooks neither wait for the device nor hold it back, so the loop keeps
+running ahead of them (``trainer.lookahead``). Every number comes from the device's progress
+as the Trainer learns it without waiting (``trainer.device_progress``, see
+``nnxfit.device_clock``), not from when hooks run: hooks trail the device and get calls in
+bursts.
 
-* wall time between consecutive jitted calls (host clock), over the last ``window`` steps;
-* how much of it the loop spent waiting for its next batch: the Trainer adds the time spent
-  in ``next()`` on its batch source (loading, checking, stacking and placing the batch) to
-  ``trainer.data_wait_seconds``;
-* an upper bound on the device time of a step. On a log step the Trainer fetches the logs,
-  which waits for the device to finish that call; the call was dispatched only after its
-  batch arrived, so (interval - data wait) >= the call's device time. The median of these
-  bounds over recent log steps estimates the compute time per step.
+* ``steps_per_sec``: optimizer steps the device finished per second of training time
+  (compiles, validation and the gaps between epochs left out);
+* ``examples_per_sec``: the same in examples;
+* ``data_wait_frac``: the share of that time the loop spent waiting for its next batch.
 
-With these, ``data_wait_frac`` is the share of wall time spent waiting for data and
-``compute_frac`` the (over-)estimated share the device spent computing. When the loop waits
-for data most of the time *and* a batch takes longer to arrive than a step takes to compute,
-faster input would make training faster: that is the one case it calls the data pipeline
-the bottleneck, with a ``DataBottleneckWarning`` once per fit. A pipeline that merely keeps
-pace with the device (the host waits for data while the device is busy too) is not flagged:
-the compute bound is an over-estimate, so the warning errs on the side of silence.
+A wait for data costs nothing while the device is still busy with earlier calls; it holds
+training back when the device runs out of work before the batch arrives. When the loop waits
+for data more than ``warn_data_frac`` of the time *and* the device had finished its work by
+the end of most of those waits (a batch takes longer to arrive than a step to compute), faster
+input would make training faster: it calls the data pipeline the bottleneck, with a
+``DataBottleneckWarning`` once per fit.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import deque
-from collections.abc import Callable
 
 from nnxfit.callbacks.base import Callback
+from nnxfit.device_clock import DeviceProgress
 from nnxfit.errors import ConfigError
 from nnxfit.warn import warn
 
-MIN_CALLS = 8  # calls in the window before the bottleneck check may fire
-# What it logs (compute_frac once a log step has measured the device).
-METRICS = ("steps_per_sec", "examples_per_sec", "data_wait_frac", "compute_frac")
+MIN_STEPS = 8  # steps in the window before the bottleneck check may fire
+# What it logs.
+METRICS = ("steps_per_sec", "examples_per_sec", "data_wait_frac")
 
 
 class DataBottleneckWarning(UserWarning):
@@ -41,33 +38,26 @@ class DataBottleneckWarning(UserWarning):
 
 
 class ThroughputMonitor(Callback):
-    """Logs ``steps_per_sec``, ``examples_per_sec``, ``data_wait_frac`` and ``compute_frac``.
+    """Logs ``steps_per_sec``, ``examples_per_sec`` and ``data_wait_frac``.
 
-    On log steps the values cover the last ``window`` optimizer steps; at epoch end they cover
-    the epoch's training and land in ``History``. Validation, epoch-end work and calls that
-    compiled a program (the first one, a new batch shape) are left out: these are
-    steady-state rates; ``CompileWatch`` reports compile times. ``examples_per_sec``
-    counts full batches (``batch_size * grad_accum_steps`` per step), so a short last batch
-    is counted as a full one.
+    On log steps the values cover about the last ``window`` optimizer steps; at epoch end they
+    cover the epoch's training and land in ``History``. ``examples_per_sec`` counts full
+    batches (``batch_size * grad_accum_steps`` per step), so a short last batch is counted as
+    a full one. Compile times are left out of the rates; ``CompileWatch`` reports them.
 
     Args:
-        window: optimizer steps the log-step rates average over.
-        warn_data_frac: the share of wall time spent waiting for data above which a slow
-            input pipeline is reported (once per fit, process 0 only), provided a batch also
-            takes longer to arrive than a step takes to compute. ``None`` never warns.
-        get_time: the clock, in seconds.
+        window: optimizer steps the log-step rates average over (log steps are the points it
+            can measure at: the window starts at the latest one at least this far back).
+        warn_data_frac: the share of training time spent waiting for data above which a
+            slow input pipeline is reported (once per fit, process 0 only), provided the
+            device had run out of work by the end of most of those waits. ``None`` never warns.
     """
 
-    order = -200  # early: its timings see little of other callbacks' work, and its keys
-    # are in the logs before loggers and the progress bar read them
+    order = -200  # early: its keys are in the logs before loggers and the progress bar read them
     reads_module = False
+    epoch_end_barrier = False  # records only: the device keeps running ahead of it
 
-    def __init__(
-        self,
-        window: int = 100,
-        warn_data_frac: float | None = 0.5,
-        get_time: Callable[[], float] | None = None,
-    ):
+    def __init__(self, window: int = 100, warn_data_frac: float | None = 0.5):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(f"ThroughputMonitor window must be an integer >= 1; got {window!r}.")
         if warn_data_frac is not None and not (
@@ -79,17 +69,9 @@ class ThroughputMonitor(Callback):
             )
         self.window = window
         self.warn_data_frac = warn_data_frac
-        self.get_time = get_time or time.perf_counter
         self.warned_at_step: int | None = None  # step of this fit's bottleneck warning
-        self._reset()
-
-    def _reset(self) -> None:
-        self._calls: deque[tuple[float, float, int]] = deque()  # (seconds, data s, steps)
-        self._win = [0.0, 0.0, 0]  # sums over self._calls
-        self._compute: deque[float] = deque(maxlen=15)  # per-step compute bounds
-        self._epoch = [0.0, 0.0, 0]
-        self._t = self._data = 0.0
-        self._step = self._traces = 0
+        self._start: DeviceProgress | None = None  # the device's progress at the epoch's start
+        self._points: deque[DeviceProgress] = deque()  # since then, at log steps
         self._per_step_examples: int | None = None
 
     def logged_metrics(self, trainer) -> list[str]:
@@ -97,103 +79,62 @@ class ThroughputMonitor(Callback):
 
     # ------------------------------------------------------------------------ hooks ---
     def on_fit_start(self, trainer, module) -> None:
-        self._reset()
         self.warned_at_step = None
+        self._start = None
+        self._points.clear()
         spec = getattr(trainer, "_spec", None)
         batch = getattr(spec, "batch_size", None)
-        if batch:
-            self._per_step_examples = int(batch) * trainer.grad_accum_steps
+        self._per_step_examples = int(batch) * trainer.grad_accum_steps if batch else None
 
     def on_train_epoch_start(self, trainer, module, epoch) -> None:
-        # Intervals start afresh each epoch, so validation and epoch-end work (checkpoints)
-        # never count as training time.
-        self._t = self.get_time()
-        self._data = self._data_wait(trainer)
-        self._step = trainer.global_step
-        self._traces = self._trace_count(trainer)
-        self._epoch = [0.0, 0.0, 0]
+        # Each epoch starts afresh from the device's progress at its start.
+        self._start = trainer.device_progress
+        self._points.clear()
+        self._points.append(self._start)
 
     def on_train_batch_end(self, trainer, module, step, logs) -> None:
-        now = self.get_time()
-        data = self._data_wait(trainer)
-        traces = self._trace_count(trainer)
-        dt, dd, n = now - self._t, data - self._data, step - self._step
-        compiled = traces != self._traces
-        self._t, self._data, self._step, self._traces = now, data, step, traces
-        # A call that compiled measures the compiler, not training (CompileWatch reports it).
-        if n > 0 and not compiled:
-            self._add(dt, dd, n)
-            if logs:  # the Trainer just fetched them: the device has finished this call
-                self._compute.append(max(dt - dd, 0.0) / n)
-        if logs:
-            logs.update(self._rates(*self._win, has_data=self._has_data(trainer)))
-            self._check_bottleneck(trainer, logs)
-
-    def _add(self, dt: float, dd: float, n: int) -> None:
-        self._calls.append((dt, dd, n))
-        win = self._win
-        win[0] += dt
-        win[1] += dd
-        win[2] += n
-        while win[2] - self._calls[0][2] >= self.window:
-            old = self._calls.popleft()
-            win[0] -= old[0]
-            win[1] -= old[1]
-            win[2] -= old[2]
-        ep = self._epoch
-        ep[0] += dt
-        ep[1] += dd
-        ep[2] += n
+        if not logs or self._start is None:  # log steps: the device's progress is exact there
+            return
+        p = trainer.device_progress
+        points = self._points
+        points.append(p)
+        while len(points) > 2 and p.step - points[1].step >= self.window:
+            points.popleft()
+        rates = self._rates(points[0], p)
+        logs.update(rates)
+        self._check_bottleneck(trainer, points[0], p, rates)
 
     def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
-        logs.update(self._rates(*self._epoch, has_data=self._has_data(trainer)))
+        if self._start is not None:
+            logs.update(self._rates(self._start, trainer.device_progress))
 
     # --------------------------------------------------------------------- helpers ---
-    @staticmethod
-    def _data_wait(trainer) -> float:
-        return float(getattr(trainer, "data_wait_seconds", 0.0))
-
-    @staticmethod
-    def _trace_count(trainer) -> int:
-        return getattr(getattr(trainer, "_programs", None), "trace_count", 0)
-
-    @staticmethod
-    def _has_data(trainer) -> bool:
-        return hasattr(trainer, "data_wait_seconds")
-
-    def compute_per_step(self) -> float | None:
-        """Estimated (over-estimated) device seconds per optimizer step, or None."""
-        return statistics.median(self._compute) if self._compute else None
-
-    def _rates(self, wall: float, data: float, steps: int, has_data: bool) -> dict[str, float]:
-        if wall <= 0 or steps <= 0:
+    def _rates(self, a: DeviceProgress, b: DeviceProgress) -> dict[str, float]:
+        steps, seconds = b.step - a.step, b.train_time - a.train_time
+        if steps <= 0 or seconds <= 0:
             return {}
-        out = {"steps_per_sec": steps / wall}
+        out = {"steps_per_sec": steps / seconds}
         if self._per_step_examples:
             out["examples_per_sec"] = out["steps_per_sec"] * self._per_step_examples
-        if has_data:
-            out["data_wait_frac"] = min(max(data / wall, 0.0), 1.0)
-        c = self.compute_per_step()
-        if c is not None:
-            out["compute_frac"] = min(c * steps / wall, 1.0)
+        out["data_wait_frac"] = min(max((b.data_wait - a.data_wait) / seconds, 0.0), 1.0)
         return out
 
-    def _check_bottleneck(self, trainer, logs: dict) -> None:
+    def _check_bottleneck(
+        self, trainer, a: DeviceProgress, b: DeviceProgress, rates: dict[str, float]
+    ) -> None:
+        steps, waited = b.step - a.step, b.data_wait - a.data_wait
         if (
             self.warn_data_frac is None
             or self.warned_at_step is not None
             or not trainer.is_global_zero
-            or len(self._calls) < MIN_CALLS
-            or "data_wait_frac" not in logs
+            or steps < MIN_STEPS
+            or rates.get("data_wait_frac", 0.0) < self.warn_data_frac
+            or b.data_wait_idle - a.data_wait_idle < 0.5 * waited  # the device kept busy
         ):
             return
-        wall, data, steps = self._win
-        frac = logs["data_wait_frac"]
-        compute = self.compute_per_step()
-        data_per_step = data / steps
-        if frac < self.warn_data_frac or compute is None or data_per_step <= compute:
-            return
         self.warned_at_step = trainer.global_step
+        frac = rates["data_wait_frac"]
+        idle = (b.data_wait_idle - a.data_wait_idle) / waited
         if getattr(trainer, "prefetch", 0):
             fix = (
                 "prefetch is already on, so the loader itself is too slow: give it more "
@@ -208,9 +149,10 @@ class ThroughputMonitor(Callback):
         warn(
             f"ThroughputMonitor: the input pipeline is the bottleneck. Over the last {steps} "
             f"steps (up to step {trainer.global_step}) the training loop waited for data "
-            f"{frac:.0%} of the wall time, {data_per_step * 1e3:.2f} ms per step, while a step "
-            f"computes in at most {compute * 1e3:.2f} ms. Faster input would speed training "
-            f"up: {fix}.",
+            f"{frac:.0%} of the training time, {waited / steps * 1e3:.2f} ms per step, and "
+            f"the device had finished its work by the end of {idle:.0%} of those waits: a "
+            f"batch takes longer to arrive than a step to compute. Faster input would speed "
+            f"training up: {fix}.",
             DataBottleneckWarning,
         )
 
