@@ -298,12 +298,13 @@ class CompileWatch(Callback):
             named += f"; and {more} more"
         return (
             f"the {self._what(rec)} was compiled again at step {rec.step} (epoch {rec.epoch}) "
-            f"because training-state inputs changed: {named} (~ marks a weak type). jax "
-            "compiles a program per input signature: dtype, weak type, shape, and placement "
-            "(device or sharding, committed to a device or not). Whatever a callback writes "
-            "into the training state must keep all of them: set optimizer hyperparameters with "
-            "trainer.set_hyperparameter(name, value), and give module variables arrays made "
-            "like the ones they hold. This warning is shown once per fit."
+            f"because training-state inputs changed since its last compile: {named} (~ marks "
+            "a weak type). jax compiles a program per input signature: dtype, weak type, "
+            "shape, and placement (device or sharding, committed to a device or not). Whatever "
+            "writes into the training state must keep all of them: from a callback, set "
+            "optimizer hyperparameters with trainer.set_hyperparameter(name, value), and give "
+            "module variables arrays made like the ones they hold. This warning is shown once "
+            "per fit."
         )
 
     def _placement_message(self, rec: CompileRecord) -> str:
