@@ -40,6 +40,7 @@ from flax import nnx
 
 from nnxfit.errors import CheckpointError, ConfigError
 from nnxfit.module_leaves import live_leaves
+from nnxfit.warn import warn
 
 FORMAT = 1
 TRAIN_FIELDS = ("opt", "step", "acc", "last", "health")
@@ -600,7 +601,6 @@ def _warn_on_drift(meta: dict, trainer) -> None:
     that saved the checkpoint: options the resumed fit uses although they change its numbers,
     and the ``ArrayLoader`` seed, which the checkpoint's loader state overrides. ``trainer.
     _requested_options`` are the options as given, taken before the restore."""
-    from nnxfit.userwarn import warn_user
 
     old = meta.get("trainer", {})
     new = getattr(trainer, "_requested_options", None) or trainer_options(trainer)
@@ -631,7 +631,7 @@ def _warn_on_drift(meta: dict, trainer) -> None:
         if k in old_v and old_v[k] != new_v.get(k)
     ]
     if changed:
-        warn_user(
+        warn(
             f"resuming {trainer.resumed_from} with settings that differ from the run that "
             f"saved it ({'; '.join(changed)}); training continues with the new settings, but "
             "not bit for bit as the uninterrupted run would have.",
@@ -639,7 +639,7 @@ def _warn_on_drift(meta: dict, trainer) -> None:
         )
     if "seed" in old_l and "seed" in new_l and old_l["seed"] != new_l["seed"]:
         seed = old_l["seed"]
-        warn_user(
+        warn(
             f"resuming {trainer.resumed_from}: the ArrayLoader has seed={new_l['seed']!r} but "
             f"the checkpoint's loader state has seed={seed!r}; the checkpoint's seed {seed!r} "
             "is used, so the batches continue in the saved run's order. To shuffle with "

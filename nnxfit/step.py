@@ -21,6 +21,7 @@ from flax import nnx
 
 from nnxfit.errors import StepOutputError
 from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
+from nnxfit.hyperparams import learning_rate_of
 
 FEATURES = frozenset(
     {"grad_norm", "module_grad_norms", "finite", "skip_nonfinite", "halt_on_nonfinite", "lr"}
@@ -140,33 +141,6 @@ def _cast_like(tree: Any, like: Any) -> Any:
 # per step; larger leaves get a dot product each, whose overhead is small next to their size).
 SMALL_LEAF = 1 << 16
 
-# optax >= 0.1.9 builds InjectStatefulHyperparamsState; the older class is still exported.
-INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-
-
-LR_NAMES = ("learning_rate", "lr")  # what optax optimizers call their rate
-
-
-def is_injected(x: Any) -> bool:
-    return isinstance(x, INJECT_STATES)
-
-
-def lr_name(node: Any) -> str | None:
-    """The hyperparameter name of the learning rate in an injected state, if it has one."""
-    return next((k for k in LR_NAMES if k in node.hyperparams), None)
-
-
-def lr_states(opt_state: Any) -> list:
-    """The ``optax.inject_hyperparams`` states in ``opt_state`` that hold a learning rate."""
-    nodes = jax.tree.leaves(opt_state, is_leaf=is_injected)
-    return [n for n in nodes if is_injected(n) and lr_name(n) is not None]
-
-
-def find_learning_rate(opt_state: Any) -> jax.Array | None:
-    """The learning rate stored by ``optax.inject_hyperparams``, if the optimizer has one."""
-    nodes = lr_states(opt_state)
-    return jnp.asarray(nodes[0].hyperparams[lr_name(nodes[0])], jnp.float32) if nodes else None
-
 
 class Programs:
     """Builds and caches the jitted programs for one module structure and step config."""
@@ -194,12 +168,8 @@ class Programs:
         # are not donated: small, and the Trainer keeps the last few to tell which validation
         # batches the device has finished (``_run_validation``).
         self.eval_trace_count = 0
-        self.eval_batch = jax.jit(
-            functools.partial(self._eval, method="validation_step")
-        )
-        self.test_batch = jax.jit(
-            functools.partial(self._eval, method="test_step")
-        )
+        self.eval_batch = jax.jit(functools.partial(self._eval, method="validation_step"))
+        self.test_batch = jax.jit(functools.partial(self._eval, method="test_step"))
         self._eval_specs: dict = {}
         self.predict_batch = jax.jit(self._predict)
 
@@ -338,9 +308,8 @@ class Programs:
         last = dict(last)
         if "lr" in self.config.features:
             # The updated state holds the lr this update used (the old one, the step before's).
-            lr = find_learning_rate(opt)
-            if lr is None and self.config.lr_fn is not None:
-                lr = jnp.asarray(self.config.lr_fn(step), jnp.float32)
+            # "lr" is a feature only where the rate can be read (``Trainer._setup_fit``).
+            lr = learning_rate_of(self.tx, opt, lr_schedule=self.config.lr_fn, step=step)
             if lr is not None:
                 last["lr"] = lr.astype(jnp.float32)
         return last

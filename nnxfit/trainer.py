@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit import interrupt
+from nnxfit import hyperparams, interrupt
 from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
 from nnxfit.data import (
     ArrayLoader,
@@ -382,6 +382,26 @@ class Trainer:
             raise EmptyDataError("predict got data that yielded no batch.")
         outs = [part.rows(out) for part, out in outs]
         return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+
+    def get_hyperparameter(self, name: str, optimizer: str | None = None) -> Any:
+        """The value of the optimizer's hyperparameter ``name`` in the fit's current state
+        (a float; an array for a non-scalar one), read from a callback's hook or after fit.
+
+        Any hyperparameter ``optax.inject_hyperparams`` keeps in the optimizer state; the
+        learning rate (``"learning_rate"`` or ``"lr"``) also from a ``lr_schedule`` or from
+        optax's own optimizers (``nnxfit.hyperparams``). A ``ConfigError`` names the fix when
+        it cannot be read. One device sync."""
+        return hyperparams.get_hyperparameter(self, name, optimizer)
+
+    def set_hyperparameter(self, name: str, value: Any, optimizer: str | None = None) -> None:
+        """Sets the optimizer's hyperparameter ``name`` to ``value`` from the next step on,
+        without recompiling: the value is written into the ``optax.inject_hyperparams`` state
+        with the old array's dtype, shape and placement, and is checkpointed with it.
+
+        Call it from a callback's hook (one in step with the device: any callback that does
+        not set ``epoch_end_barrier = False``). A ``ConfigError`` names the fix when the
+        optimizer does not keep ``name`` in its state, or a schedule sets it every step."""
+        hyperparams.set_hyperparameter(self, name, value, optimizer)
 
     # ========================================================================= the loop ===
     def _train_loop(self) -> None:
@@ -977,6 +997,8 @@ class Trainer:
         opt = self.placement.init_optimizer(tx, params)  # mirrors the params' shardings
 
         features = self.cb.step_features()
+        if "lr" in features and hyperparams.learning_rate_source(tx, opt, lr_fn) is None:
+            features -= {"lr"}  # nothing to log (LearningRateMonitor warns at fit start)
         # Under NaNGuard("stop") the resume point is the last good step's: where calls ended
         # since about the last two logs (``resume_point.py``).
         halts = "halt_on_nonfinite" in features

@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from nnxfit.errors import ConfigError, WorkdirLockedError
-from nnxfit.userwarn import warn_user
+from nnxfit.warn import warn
 
 LOCK_NAME = ".nnxfit.lock"
 # What a filesystem without flock support answers.
@@ -77,7 +77,7 @@ class WorkdirLock:
             os.close(fd)
             if e.errno not in _UNSUPPORTED:
                 raise
-            warn_user(
+            warn(
                 f"cannot lock the workdir {self.workdir} ({e.strerror}: this filesystem does "
                 "not support flock); the fit runs unlocked, so a second fit started into the "
                 "same workdir would not be stopped."

@@ -11,6 +11,8 @@ import sys
 import textwrap
 import warnings
 
+import jax
+import optax
 import pytest
 from jax._src import monitoring  # the listener getters are not public in jax 0.10.2
 from models import Classifier, toy_data
@@ -156,3 +158,84 @@ def test_second_process_loads_the_step_from_the_persistent_cache(tmp_path):
     second = run()
     assert second["cached"] == [True], second  # the train step came from disk
     assert second["hits"] >= 1
+
+
+class InjectedLR(Classifier):
+    def configure_optimizers(self):
+        return optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
+
+
+class WriteLR(nnxfit.Callback):
+    """At the end of epoch 0, writes a new learning rate into the optimizer state by hand,
+    as ``make(old)`` builds it."""
+
+    reads_module = False
+
+    def __init__(self, make):
+        self.make = make
+
+    def on_train_epoch_end(self, trainer, module, epoch, logs):
+        if epoch == 0:
+            state = trainer.train_state()
+            hp = state["opt"].hyperparams
+            hp = {**hp, "learning_rate": self.make(hp["learning_rate"])}
+            state["opt"] = state["opt"]._replace(hyperparams=hp)
+            trainer.load_train_state(state)
+
+
+def recompile_warnings(callback, val=True, epochs=2):
+    cw = CompileWatch()
+    tr = nnxfit.Trainer(max_epochs=epochs, progress_bar=False, callbacks=[cw, callback])
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        val_data = ArrayLoader((x, y), batch_size=50) if val else None
+        tr.fit(InjectedLR(), ArrayLoader((x, y), batch_size=25), val_data=val_data)
+    return cw, [w for w in got if issubclass(w.category, RecompileWarning)]
+
+
+def test_a_committed_state_array_recompiles_without_a_trace_and_warns_per_program():
+    # jax.device_put(..., sharding) commits the array: same types, new placement. jax
+    # compiles the step again without tracing it, then once more when every output has
+    # become committed; validation too.
+    commit = lambda old: jax.device_put(jax.lax.full_like(old, 0.05), old.sharding)  # noqa: E731
+    cw, got = recompile_warnings(WriteLR(commit))
+    assert len(got) == 2, [str(w.message) for w in got]  # once per program
+    train, val = (str(w.message) for w in got)
+    assert "the train step was compiled again at step 4 (epoch 1)" in train
+    assert (
+        "opt.hyperparams['learning_rate']: float32[] (uncommitted) -> float32[] (committed to"
+        in train
+    )
+    assert "trainer.set_hyperparameter(name, value)" in train
+    assert "the validation step was compiled again at step 8 (epoch 1)" in val
+    assert "params['net']['l1']['bias']: float32[16] (uncommitted) ->" in val
+    assert got[0].filename == __file__  # the line that called fit
+    untraced = [r for r in cw.records if not r.traced]
+    assert untraced and all(r.done and r.compile_s > 0 and r.shapes == () for r in untraced)
+    assert untraced[0].changed == (
+        "opt.hyperparams['learning_rate']: float32[] (uncommitted) -> float32[] (committed to "
+        "cpu:0)",
+    )
+    assert cw.eval_records[0].traced and not cw.eval_records[1].traced
+
+
+def test_a_weak_type_change_is_named():
+    # A Python float makes a weakly typed array (~float32): a new signature, traced again.
+    cw, got = recompile_warnings(WriteLR(lambda old: jax.numpy.asarray(0.05)), val=False)
+    assert len(got) == 1
+    assert (
+        "opt.hyperparams['learning_rate']: float32[] (uncommitted) -> ~float32[] (uncommitted)"
+        in str(got[0].message)
+    )
+    assert [r.traced for r in cw.records] == [True, True]
+
+
+def test_set_hyperparameter_never_warns():
+    class SetLR(nnxfit.Callback):
+        reads_module = False
+
+        def on_train_epoch_end(self, trainer, module, epoch, logs):
+            trainer.set_hyperparameter("learning_rate", 0.05 / (epoch + 1))
+
+    cw, got = recompile_warnings(SetLR(), epochs=3)
+    assert got == [] and len(cw.records) == 1 and len(cw.eval_records) == 1

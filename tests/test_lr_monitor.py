@@ -1,15 +1,20 @@
 """LearningRateMonitor: the logged lr is the schedule's value for the step that used it,
-from either source, with steps_per_execution too; no source is an error before training."""
+from every source (injected state, lr_schedule, optax's own optimizers), with
+steps_per_execution too; an optimizer whose rate cannot be read gets one warning and a fit
+that goes on."""
 
 from __future__ import annotations
 
+import warnings
+
+import jax
 import numpy as np
 import optax
 import pytest
 from models import Classifier, toy_data
 
 import nnxfit
-from nnxfit.callbacks.lr_monitor import LearningRateMonitor
+from nnxfit.callbacks.lr_monitor import LearningRateMonitor, LearningRateWarning
 from nnxfit.data import ArrayLoader
 
 TRAIN = ArrayLoader(toy_data(40), batch_size=4)  # 10 steps an epoch
@@ -32,7 +37,7 @@ class Logs(nnxfit.Callback):
         self.lr = {}
 
     def on_train_batch_end(self, trainer, module, step, logs):
-        if logs:
+        if "lr" in logs:
             self.lr[step] = logs["lr"]
 
 
@@ -55,8 +60,9 @@ def expected(step):
     [
         lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=SCHEDULE),
         lambda: {"optimizer": optax.sgd(SCHEDULE), "lr_schedule": SCHEDULE},
+        lambda: optax.adamw(SCHEDULE),
     ],
-    ids=["inject_hyperparams", "lr_schedule"],
+    ids=["inject_hyperparams", "lr_schedule", "optax structure"],
 )
 def test_logged_lr_is_the_schedule_at_the_step_that_used_it(make):
     lr, history = run(make)
@@ -80,11 +86,36 @@ def test_constant_injected_lr_is_logged():
     assert len(lr) == 10 and all(v == pytest.approx(3e-3) for v in lr.values())
 
 
-def test_no_readable_lr_fails_before_training():
-    trainer = nnxfit.Trainer(max_epochs=1, callbacks=[LearningRateMonitor()], progress_bar=False)
-    with pytest.raises(nnxfit.ConfigError) as err:
-        trainer.fit(WithOptimizer(lambda: optax.adam(SCHEDULE)), TRAIN)
-    msg = str(err.value)
-    assert "optax.inject_hyperparams(optax.adam)(learning_rate=schedule)" in msg
-    assert "'lr_schedule': schedule" in msg and "WithOptimizer" in msg
-    assert trainer.global_step == 0
+def test_constant_rate_of_a_plain_optax_optimizer_is_logged():
+    lr, history = run(lambda: optax.adam(1e-2), max_epochs=1)
+    assert len(lr) == 10 and all(v == pytest.approx(1e-2) for v in lr.values())
+    assert history.history["lr"] == [pytest.approx(1e-2)]
+
+
+def custom_sgd(rate):
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda g: -rate * g, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def test_unreadable_rate_warns_once_and_the_fit_goes_on():
+    logs = Logs()
+    trainer = nnxfit.Trainer(
+        max_epochs=2,
+        log_every_n_steps=1,
+        callbacks=[LearningRateMonitor(), logs],
+        progress_bar=False,
+    )
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        history = trainer.fit(WithOptimizer(lambda: custom_sgd(0.1)), TRAIN)
+    mine = [w for w in got if issubclass(w.category, LearningRateWarning)]
+    assert len(mine) == 1
+    msg = str(mine[0].message)
+    assert "cannot read the learning rate of WithOptimizer's optimizer" in msg
+    assert "custom_sgd.update" in msg and "optax.inject_hyperparams(optax.adam)" in msg
+    assert mine[0].filename == __file__  # the user's fit line, not nnxfit's
+    assert trainer.global_step == 20 and history.epoch == [0, 1]
+    assert "lr" not in history.history and "loss" in history.history
+    assert logs.lr == {}  # nothing logged, and never a made-up 0

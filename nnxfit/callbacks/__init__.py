@@ -6,7 +6,7 @@ from nnxfit.callbacks.csv_logger import CSVLogger
 from nnxfit.callbacks.early_stopping import EarlyStopping
 from nnxfit.callbacks.grad_norm import GradNormMonitor, GradNormWarning
 from nnxfit.callbacks.lambda_callback import LambdaCallback
-from nnxfit.callbacks.lr_monitor import LearningRateMonitor
+from nnxfit.callbacks.lr_monitor import LearningRateMonitor, LearningRateWarning
 from nnxfit.callbacks.monitor import Monitor
 from nnxfit.callbacks.nan_guard import NaNGuard, NonFiniteWarning
 from nnxfit.callbacks.profiler import Profiler
@@ -26,6 +26,7 @@ __all__ = [
     "GradNormWarning",
     "LambdaCallback",
     "LearningRateMonitor",
+    "LearningRateWarning",
     "ModelCheckpoint",
     "ModelSummary",
     "Monitor",

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from typing import Any
 
@@ -59,6 +58,7 @@ from nnxfit.checkpoint import (
     save_state,
 )
 from nnxfit.errors import CheckpointError, ConfigError
+from nnxfit.warn import warn
 
 
 def _opt_positive(name: str, value: Any) -> int | None:
@@ -423,11 +423,10 @@ class ModelCheckpoint(Callback):
             return
         dest = move_aside(self.directory, newer, "undone")
         self._manager.reload()
-        warnings.warn(
+        warn(
             f"ModelCheckpoint: checkpoint(s) {newer} in {self.directory} hold steps the fit "
             f"undid (it ends at step {step}); moved them to {dest}.",
             ResumeWarning,
-            stacklevel=_outside_nnxfit(),
         )
 
     # -- checks ---------------------------------------------------------------------------
@@ -442,13 +441,3 @@ class ModelCheckpoint(Callback):
     def _check_monitor(self, trainer) -> None:
         """Before training: a typo found after the first epoch may cost hours."""
         self._monitor.check_fit(trainer, self)
-
-
-def _outside_nnxfit() -> int:
-    """The ``stacklevel`` of the first frame outside nnxfit, for a warning raised by the
-    caller of this function: the user's line, whichever hook path led there."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(root):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -1,46 +1,50 @@
 """``LearningRateMonitor``: logs ``lr``, the learning rate the latest step used.
 
-An optax schedule is a function of the step count hidden inside the optimizer, not
-readable from outside. The step reads the rate where one exists, with no host sync:
+The step computes it, with no host sync, from the first source that has it
+(``nnxfit.hyperparams.learning_rate_of``):
 
-* from the optimizer state, when the optimizer was built with ``optax.inject_hyperparams``
+* the optimizer state, when the optimizer was built with ``optax.inject_hyperparams``
   (which stores the rate each update uses);
-* else by evaluating the schedule ``configure_optimizers`` returned next to the optimizer,
-  ``{"optimizer": tx, "lr_schedule": schedule}``, on the step count.
+* the schedule ``configure_optimizers`` returned next to the optimizer,
+  ``{"optimizer": tx, "lr_schedule": schedule}``, on the step count;
+* the optimizer's structure: optax's own optimizers (``optax.adam(1e-2)``,
+  ``optax.adamw(schedule)``, ``optax.sgd(...)``, also inside ``optax.chain``,
+  ``apply_if_finite`` and ``MultiSteps``) scale by a constant or a schedule on their own
+  count, which the step reads.
 
-It reaches the logs with the other metrics: at log steps and epoch ends.
+It reaches the logs with the other metrics: at log steps and epoch ends. Where none of these
+shows the rate (a hand-written ``GradientTransformation``), the monitor warns once at fit
+start, logs no ``lr``, and the fit goes on: a monitor never ends a fit.
 """
 
 from __future__ import annotations
 
 from nnxfit.callbacks.base import Callback
-from nnxfit.errors import ConfigError
-from nnxfit.step import find_learning_rate
+from nnxfit.hyperparams import INJECT_FIX, describe_tx, fit_optimizer, learning_rate_source
+from nnxfit.warn import warn
 
 
-def learning_rate_source(trainer) -> str | None:
-    """Where the fit's step finds its learning rate: ``"optimizer state"``, ``"lr_schedule"``
-    or ``None``."""
-    if find_learning_rate(trainer.train_state()["opt"]) is not None:
-        return "optimizer state"
-    if trainer._programs.config.lr_fn is not None:
-        return "lr_schedule"
-    return None
+class LearningRateWarning(UserWarning):
+    """``LearningRateMonitor`` cannot read the learning rate of the fit's optimizer."""
 
 
 class LearningRateMonitor(Callback):
     """Logs ``lr`` (the rate of the latest step at log steps; of the epoch's last step at
-    epoch end). Fails at fit start, before training, when the rate cannot be read."""
+    epoch end). When the rate cannot be read, warns once at fit start and logs nothing."""
 
     reads_module = False
     step_features = frozenset({"lr"})
 
     def on_fit_start(self, trainer, module) -> None:
-        if learning_rate_source(trainer) is None:
-            raise ConfigError(
-                f"LearningRateMonitor cannot read the learning rate of "
-                f"{type(module).__name__}'s optimizer: an optax schedule is hidden inside it. "
-                "In configure_optimizers, either build it with optax.inject_hyperparams, e.g. "
-                "optax.inject_hyperparams(optax.adam)(learning_rate=schedule), or return "
-                "{'optimizer': tx, 'lr_schedule': schedule}."
-            )
+        tx, opt, lr_schedule, _, _ = fit_optimizer(trainer)
+        if learning_rate_source(tx, opt, lr_schedule) is not None:
+            return
+        warn(
+            f"LearningRateMonitor cannot read the learning rate of {type(module).__name__}'s "
+            f"optimizer {describe_tx(tx)}: the rate is hidden inside it. The fit goes on "
+            "without 'lr' in the logs. To log it, build the optimizer with "
+            "optax.inject_hyperparams in configure_optimizers, "
+            f"e.g. {INJECT_FIX.replace('1e-3', 'schedule')}, or return "
+            "{'optimizer': tx, 'lr_schedule': schedule}.",
+            LearningRateWarning,
+        )

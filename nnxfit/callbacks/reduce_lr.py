@@ -7,10 +7,11 @@ does::
     def configure_optimizers(self):
         return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 
-At an epoch end that calls for a reduction, the callback writes the new rate into that
-state (a device array of the same shape, dtype and sharding). The jitted step reads the
-rate as a traced input: nothing is rebuilt or recompiled, and the rate is checkpointed
-with the optimizer state, so a resumed run continues at the reduced rate.
+At an epoch end that calls for a reduction, the callback sets the new rate with
+``trainer.set_hyperparameter("learning_rate", lr)``, which writes it into that state as an
+array of the old one's type and placement. The jitted step reads the rate as an input of an
+unchanged signature: nothing is rebuilt or recompiled, and the rate is checkpointed with the
+optimizer state, so a resumed run continues at the reduced rate.
 """
 
 from __future__ import annotations
@@ -18,56 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from nnxfit.callbacks.base import Callback
 from nnxfit.callbacks.early_stopping import _count, _epochs, _number
 from nnxfit.callbacks.monitor import Monitor, announce
 from nnxfit.errors import ConfigError
-from nnxfit.step import is_injected, lr_name, lr_states
-
-
-def learning_rates(opt_state: Any) -> list[float]:
-    """Every injected learning rate in ``opt_state`` (host floats; one device sync)."""
-    nodes = lr_states(opt_state)
-    return [float(v) for v in jax.device_get([n.hyperparams[lr_name(n)] for n in nodes])]
-
-
-def scale_learning_rates(opt_state: Any, new: Any) -> Any:
-    """``opt_state`` with each injected learning rate ``x`` replaced by ``new(float(x))``,
-    keeping its dtype, weak type and sharding (so the step's signature is unchanged)."""
-
-    def swap(node):
-        name = lr_name(node) if is_injected(node) else None
-        if name is None:
-            return node
-        old = node.hyperparams[name]
-        value = jax.lax.full_like(old, new(float(old)))
-        if isinstance(old, jax.Array):
-            value = jax.device_put(value, old.sharding)
-        return node._replace(hyperparams={**node.hyperparams, name: value})
-
-    return jax.tree.map(swap, opt_state, is_leaf=is_injected)
-
-
-def check_reducible(opt_state: Any, module_name: str) -> None:
-    """A ``ConfigError`` naming the fix unless the optimizer keeps a settable learning rate."""
-    nodes = lr_states(opt_state)
-    if not nodes:
-        raise ConfigError(
-            f"ReduceLROnPlateau needs {module_name}'s optimizer to keep its learning rate in its "
-            "state. In configure_optimizers, wrap the optimizer with optax.inject_hyperparams, "
-            "e.g. optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)."
-        )
-    for n in nodes:
-        # inject_hyperparams re-evaluates a schedule every step, overwriting any change.
-        if lr_name(n) in (getattr(n, "hyperparams_states", None) or {}):
-            raise ConfigError(
-                f"{module_name}'s learning_rate is a schedule inside optax.inject_hyperparams; "
-                "the schedule sets it every step, so ReduceLROnPlateau cannot lower it. Pass a "
-                "constant learning_rate, or drop one of the two."
-            )
+from nnxfit.hyperparams import fit_optimizer, settable_error
 
 
 class ReduceLROnPlateau(Callback):
@@ -75,7 +33,9 @@ class ReduceLROnPlateau(Callback):
     improvement of ``monitor`` by more than ``min_delta``.
 
     The optimizer must come from ``optax.inject_hyperparams`` with a constant
-    ``learning_rate``; anything else fails at fit start, naming the fix.
+    ``learning_rate``; anything else fails at fit start, naming the fix. The new rate is set
+    with ``trainer.set_hyperparameter("learning_rate", lr)``, which never recompiles the step;
+    a callback of your own can change any injected hyperparameter the same way.
 
     Args:
         monitor: metric to watch (key of the epoch logs).
@@ -142,7 +102,10 @@ class ReduceLROnPlateau(Callback):
     def on_fit_start(self, trainer, module) -> None:
         if getattr(trainer, "resumed_from", None) is None:
             self._reset()
-        check_reducible(trainer.train_state()["opt"], type(module).__name__)
+        _, opt, _, _, owner = fit_optimizer(trainer)
+        why = settable_error(opt, "learning_rate", owner)
+        if why is not None:
+            raise ConfigError(f"ReduceLROnPlateau sets the learning rate during the fit: {why}")
         self._m.check_fit(trainer)
 
     def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
@@ -164,25 +127,18 @@ class ReduceLROnPlateau(Callback):
             self.wait = 0
 
     def _reduce(self, trainer, epoch: int) -> bool:
-        """Lowers every injected rate above ``min_lr``; False when all are at the floor."""
-        state = trainer.train_state()
-        old = learning_rates(state["opt"])
-        floor = np.float32(self.min_lr)
-        if all(np.float32(x) <= floor for x in old):
+        """Lowers the rate unless it is at ``min_lr`` already (then False)."""
+        old = trainer.get_hyperparameter("learning_rate")
+        if np.float32(old) <= np.float32(self.min_lr):
             return False
-
-        def new(x: float) -> float:
-            return max(x * self.factor, self.min_lr) if np.float32(x) > floor else x
-
-        state["opt"] = scale_learning_rates(state["opt"], new)
-        trainer.load_train_state(state)
-        lr = new(old[0])
+        lr = max(old * self.factor, self.min_lr)
+        trainer.set_hyperparameter("learning_rate", lr)
         self.reductions.append((epoch, lr))
         if self.verbose:
             announce(
                 trainer,
                 f"ReduceLROnPlateau: {self.monitor} has not improved for {_epochs(self.wait)} "
-                f"(best {self.best:.6g}); learning rate {old[0]:.4g} -> {lr:.4g} from "
+                f"(best {self.best:.6g}); learning rate {old:.4g} -> {lr:.4g} from "
                 f"epoch {epoch + 2}.",
             )
         return True
