@@ -70,8 +70,8 @@ class CompileRecord:
     done: bool = field(default=False, repr=False)
     # False: jax compiled again without tracing: the same types in a new placement.
     traced: bool = True
-    # "path: old -> new" for each state input whose signature changed since the program's
-    # previous compile in this fit.
+    # "path: old -> new" for each state input whose signature differs from the closest one
+    # the program was compiled for before in this fit.
     changed: tuple = ()
 
     @property
@@ -104,7 +104,7 @@ class CompileWatch(Callback):
         self._pending_batch: tuple = ()  # and those shapes, per batch
         self._thread: int | None = None
         self._seen_batch_shapes: set = set()
-        self._signatures: dict[str, dict] = {}  # "train"/"eval" -> state signature
+        self._signatures: dict[str, list] = {}  # "train"/"eval" -> state signatures compiled
         self._start_epoch = 0
         self._warned: set[str] = set()
         self._listening = False
@@ -213,15 +213,13 @@ class CompileWatch(Callback):
     def _finish(self, rec: CompileRecord) -> None:
         group = "eval" if rec.kind == "eval" else "train"
         sig = self._signature(group)
-        before = self._signatures.get(group)
-        if before is not None and sig:
-            rec.changed = tuple(
-                f"{path}: {before[path][1]} -> {now[1]}"
-                for path, now in sig.items()
-                if path in before and before[path][0] != now[0]
-            )
-        if sig:
-            self._signatures[group] = sig
+        seen = self._signatures.setdefault(group, [])
+        # Against the closest earlier signature that differs: an earlier one equal to this
+        # was another program (another batch shape), or jax would not compile again.
+        diffs = [d for before in seen if (d := self._diff(before, sig))]
+        rec.changed = min(diffs, key=len) if diffs else ()
+        if sig and sig not in seen:
+            seen.append(sig)
         self._log(rec)
         mid_fit = rec.epoch > self._start_epoch
         if not (self.warn and mid_fit) or group in self._warned:
@@ -236,6 +234,14 @@ class CompileWatch(Callback):
             return
         self._warned.add(group)
         warn(msg, RecompileWarning)
+
+    @staticmethod
+    def _diff(before: dict, now: dict) -> tuple:
+        return tuple(
+            f"{path}: {before[path][1]} -> {new[1]}"
+            for path, new in now.items()
+            if path in before and before[path][0] != new[0]
+        )
 
     def _signature(self, group: str) -> dict:
         """path -> (cache key part, description) of each training-state input of the
@@ -298,8 +304,8 @@ class CompileWatch(Callback):
             named += f"; and {more} more"
         return (
             f"the {self._what(rec)} was compiled again at step {rec.step} (epoch {rec.epoch}) "
-            f"because training-state inputs changed since its last compile: {named} (~ marks "
-            "a weak type). jax compiles a program per input signature: dtype, weak type, "
+            f"because training-state inputs differ from those it was compiled for: {named} "
+            "(~ marks a weak type). jax compiles a program per input signature: dtype, weak type, "
             "shape, and placement (device or sharding, committed to a device or not). Whatever "
             "writes into the training state must keep all of them: from a callback, set "
             "optimizer hyperparameters with trainer.set_hyperparameter(name, value), and give "
