@@ -2,7 +2,6 @@
 
 ``begin_run(trainer, refit)``, called by ``Trainer.fit`` once the fit is set up (and resumed):
 
-* runs the validation sanity check (``sanity.py``);
 * says in one console line from which checkpoint, step and epoch a resumed fit continues;
 * says when a Trainer fits the same module again: the weights carry over, the optimizer
   starts fresh (as in Lightning, where every fit calls ``configure_optimizers``);
@@ -40,9 +39,6 @@ VERSION = re.compile(r"^version_(\d+)$")
 
 
 def begin_run(trainer, refit: bool) -> None:
-    from nnxfit.sanity import check_validation
-
-    check_validation(trainer)
     if trainer.resumed_from is not None:
         announce(
             trainer,

@@ -52,6 +52,7 @@ from nnxfit.pacing import DeviceQueue
 from nnxfit.placement import Placement
 from nnxfit.resume_point import ResumeInfo, Trail, capture, step_of
 from nnxfit.runs import begin_run
+from nnxfit.sanity import check_validation
 from nnxfit.step import GATES, Carry, Programs, StepConfig, stack
 from nnxfit.workdir import lock_workdir
 
@@ -290,7 +291,7 @@ class Trainer:
             self._setup_fit(module, train_data, val_data, first)
             if resume:
                 self._resume(resume)
-            begin_run(self, refit)  # sanity check, resume line, earlier run -> workdir/version_N
+            begin_run(self, refit)  # resume line, earlier run -> workdir/version_N
             if self.workdir is not None and self.is_global_zero and not self.fast_dev_run:
                 os.makedirs(self.workdir, exist_ok=True)
 
@@ -301,6 +302,8 @@ class Trainer:
             with self._signal_handlers():
                 try:
                     self._hook("on_fit_start")
+                    # After on_fit_start, as Lightning runs it: callbacks (CompileWatch) see it.
+                    check_validation(self)
                     self._train_loop()
                     finished = True
                 except TrainingInterrupted:
