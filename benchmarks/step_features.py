@@ -56,7 +56,7 @@ def programs(x, y, batch: int, hidden: int, features, spe: int):
         steps_per_execution=spe,
     )  # fmt: skip
     trainer.fit(DigitsModule(hidden), ArrayLoader((x, y), batch_size=batch))
-    return trainer._programs, [jnp.copy(leaf) for leaf in trainer._leaves]
+    return trainer.programs, [jnp.copy(leaf) for leaf in trainer._leaves]
 
 
 def runner(x, y, batches, batch: int, hidden: int, features, spe: int):

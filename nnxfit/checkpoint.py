@@ -332,7 +332,7 @@ def trainer_options(trainer) -> dict:
         "prefetch",
     )
     out: dict[str, Any] = {n: getattr(trainer, n, None) for n in names}
-    spec = getattr(trainer, "_spec", None)
+    spec = trainer.batch_spec
     out["batch_size"] = getattr(spec, "batch_size", None)
     mesh = getattr(trainer, "mesh", None)
     out["mesh"] = dict(mesh.shape) if mesh is not None else None

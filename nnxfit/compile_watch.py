@@ -121,7 +121,7 @@ class CompileWatch(Callback):
         self._trainer = trainer
         self._thread = threading.get_ident()  # the fit's thread: it runs every program
         self._start_epoch = trainer.current_epoch
-        self._programs = getattr(trainer, "_programs", None)
+        self._programs = trainer.programs
         if self._programs is None:
             return
         self._programs.on_trace = self._on_trace

@@ -295,8 +295,8 @@ def fit_optimizer(trainer, optimizer: str | None = None) -> tuple:
 
     ``optimizer`` names one of several optimizers; a fit has one for now, so it must be
     ``None``."""
-    programs = getattr(trainer, "_programs", None)
-    if programs is None or getattr(trainer, "_leaves", None) is None or programs.tx is None:
+    programs = trainer.programs
+    if programs is None or programs.tx is None:
         raise ConfigError(
             "the trainer has no optimizer yet: hyperparameters are read and set during fit "
             "(from a callback's hook) or after it."

@@ -90,7 +90,7 @@ def position(trainer, epoch: int, batch: int | None = None) -> str:
     where = f"epoch {epoch + 1}" + (f" of {total}" if total else "")
     if batch is None:
         return where
-    nb = getattr(trainer, "_n_train_batches", None)
+    nb = trainer.n_train_batches
     if batch == 0 and epoch > 0:
         return f"after epoch {epoch}" + (f" of {total}" if total else "")
     return f"{where}, batch {batch}" + (f" of {nb}" if nb else "")

@@ -225,6 +225,9 @@ class Trainer:
         self._signal: int | None = None
         self._stop_step = self._send_step = 0  # see ``interrupt.handlers`` and ``_run_calls``
         self._eval_cache: dict = {}
+        self._programs: Programs | None = None
+        self._spec: BatchSpec | None = None
+        self._n_train_batches: int | None = None
         # Where the fit ended, once it ended inside an epoch (``resume_point.py``), and what
         # it takes to compute: the recent logs, and the resumed run's grid of logs and calls.
         self._resume_point = None
@@ -243,6 +246,48 @@ class Trainer:
         time that was not training (``nnxfit.device_clock``). Rates and ETAs come from here,
         not from when hooks run: hooks trail the device by up to ``lookahead`` events."""
         return self._device_clock.progress(self.global_step)
+
+    # What callbacks read of the fit (read-only; set up by ``fit``, kept after it).
+    @property
+    def programs(self) -> Programs | None:
+        """The jitted programs of the current (or last) fit (``step.Programs``): the train and
+        eval steps, their metric order and trace counts; None before the first fit."""
+        return self._programs
+
+    @property
+    def batch_spec(self) -> BatchSpec | None:
+        """The structure, shapes and batch size of the fit's training batches (``data.BatchSpec``,
+        from the first batch); None before the first fit."""
+        return self._spec
+
+    @property
+    def n_train_batches(self) -> int | None:
+        """Training batches in an epoch (after ``limit_train_batches``); None when the data
+        does not say (an iterable without ``len``)."""
+        return self._n_train_batches
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Names the train step logs: ``loss``, ``training_step``'s metrics, the step features'
+        (``grad_norm``, ``lr``, ``nonfinite_steps``); empty before the first fit."""
+        programs = self._programs
+        if programs is None:
+            return []
+        names = list(programs.metric_order)
+        features = programs.config.features
+        if "lr" in features:
+            names.append("lr")
+        if "finite" in features:
+            names.append("nonfinite_steps")
+        return names
+
+    def epoch_ending(self) -> bool:
+        """Whether the epoch ends after the call the hooks are seeing: the fit stops there
+        (``should_stop``, ``max_steps``) or it was the epoch's last batch."""
+        nb = self._n_train_batches
+        return (
+            self.should_stop or self._steps_done() or (nb is not None and self.batch_in_epoch >= nb)
+        )
 
     @_attach
     def fit(
@@ -1247,9 +1292,7 @@ class Trainer:
             return False
         if self.global_step // n == (self.global_step - n_steps) // n:
             return False
-        nb = self._n_train_batches
-        last = self.should_stop or self._steps_done()
-        last = last or (nb is not None and self.batch_in_epoch >= nb)
+        last = self.epoch_ending()
         epoch_val = (self.current_epoch + 1) % self.val_every_n_epochs == 0 or self._done(True)
         return not (last and epoch_val)
 

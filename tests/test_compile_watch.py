@@ -48,7 +48,7 @@ def test_each_program_logged_once_with_its_compile_time(caplog):
     with caplog.at_level(logging.INFO, logger="nnxfit.compile"):
         tr.fit(Classifier(), ArrayLoader((x, y), batch_size=32))  # batches of 32 and a tail of 4
     lines = [r.getMessage() for r in caplog.records if r.name == "nnxfit.compile"]
-    assert len(lines) == 2 == tr._programs.trace_count == len(cw.records)
+    assert len(lines) == 2 == tr.programs.trace_count == len(cw.records)
     assert "float32[32, 8], int32[32]" in lines[0] and "float32[4, 8], int32[4]" in lines[1]
     for r in cw.records:
         assert r.kind == "single" and r.compile_s > 0 and r.trace_s > 0 and not r.cached
@@ -77,7 +77,7 @@ def test_shapes_seen_in_the_first_epoch_and_tail_groups_never_warn():
         tr.fit(Classifier(), ArrayLoader((x, y), batch_size=30))
     cw = next(c for c in tr.cb if isinstance(c, CompileWatch))  # added by default
     assert {r.kind for r in cw.records} == {"single", "multi"}
-    assert len(cw.records) == tr._programs.trace_count
+    assert len(cw.records) == tr.programs.trace_count
 
 
 def test_warn_false_records_without_warning():
@@ -105,7 +105,7 @@ def test_listeners_are_removed_after_fit_even_on_error():
         tr.fit(Classifier(), ArrayLoader((x, y), batch_size=50))
     after = (len(monitoring.get_event_duration_listeners()), len(monitoring.get_event_listeners()))
     assert after == before
-    assert tr._programs.on_trace is None
+    assert tr.programs.on_trace is None
 
 
 def test_enable_compilation_cache_rejects_a_file(tmp_path):

@@ -94,7 +94,7 @@ def test_compiles_once_per_shape():
     trainer = nnxfit.Trainer(max_epochs=4, progress_bar=False, log_every_n_steps=3)
     trainer.fit(Classifier(), ArrayLoader((x, y), 16, shuffle=True))
     assert trainer.global_step == 28
-    assert trainer._programs.trace_count == 2
+    assert trainer.programs.trace_count == 2
 
 
 class Slow(nnxfit.TrainModule):
@@ -315,7 +315,7 @@ def test_optimizer_dict_and_lr_schedule_accepted():
     x, y = toy_data(32)
     t = nnxfit.Trainer(max_steps=2, progress_bar=False)
     t.fit(WithSchedule(), ArrayLoader((x, y), 16))
-    assert t._programs.config.lr_fn is not None
+    assert t.programs.config.lr_fn is not None
 
 
 def test_prefetch_gives_same_result_and_propagates_errors():

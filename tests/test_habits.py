@@ -308,7 +308,7 @@ def test_a_broken_validation_step_fails_before_training():
     t = trainer(callbacks=[rec])
     with pytest.raises(nnxfit.StepOutputError, match="shape") as err:
         t.fit(BadValidation(), (X, Y), val_data=(X, Y))
-    assert rec.steps == [] and t._programs.trace_count == 0
+    assert rec.steps == [] and t.programs.trace_count == 0
     assert any("num_sanity_val_steps=0" in n for n in err.value.__notes__)
     # Turned off, the same error comes after a whole epoch of training.
     rec = Recorder()
@@ -338,7 +338,7 @@ def test_the_sanity_check_changes_nothing_and_its_compile_is_reused(tmp_path):
     assert h1.history == h0.history and csv1 == csv0
     assert same(arrays(m1), arrays(m0))
     # Validation batches of 16 and a short one of 8: two programs either way.
-    assert t1._programs.eval_batch._cache_size() == t0._programs.eval_batch._cache_size() == 2
+    assert t1.programs.eval_batch._cache_size() == t0.programs.eval_batch._cache_size() == 2
     with pytest.raises(nnxfit.ConfigError, match="num_sanity_val_steps"):
         nnxfit.Trainer(max_epochs=1, num_sanity_val_steps=-2)
 

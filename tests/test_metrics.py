@@ -212,7 +212,7 @@ def test_the_eval_program_traces_once_per_batch_shape():
     # In a fit, every epoch's validation reuses the fit's eval program.
     fit = nnxfit.Trainer(max_epochs=3, progress_bar=False)
     fit.fit(Scored(), data, val_data=data)
-    assert fit._programs.eval_trace_count == 2
+    assert fit.programs.eval_trace_count == 2
 
 
 class Recorder(nnxfit.Callback):

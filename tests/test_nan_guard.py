@@ -131,7 +131,7 @@ def test_skip_equals_a_run_that_never_saw_the_bad_batch(spe, speculate, monkeypa
         trainer, module, history = fit(
             data, [NaNGuard("skip")], module=module, steps_per_execution=spe
         )
-        assert trainer._programs.config.speculate == speculate
+        assert trainer.programs.config.speculate == speculate
         opt = [np.array(x) for x in jax.tree.leaves(trainer.train_state()["opt"])]
         return trainer, module, history, opt
 
@@ -214,8 +214,8 @@ def test_a_speculating_fit_shows_callbacks_only_checked_states(action, bad, spe,
                 log_every_n_steps=log_every,
                 grad_accum_steps=accum,
             )
-        assert trainer._programs.config.speculate
-        assert trainer._programs._gated is not None  # it did re-run
+        assert trainer.programs.config.speculate
+        assert trainer.programs._gated is not None  # it did re-run
         opt = [np.array(x) for x in jax.tree.leaves(trainer.train_state()["opt"])]
         return trainer, reader.seen, state(module) + opt, history.history
 
@@ -252,7 +252,7 @@ def test_a_speculating_fit_interrupted_and_resumed_ends_bit_for_bit(tmp_path, sp
         )
         module = Classifier(dropout=0.2, batchnorm=True, seed=0 if not resume else 5)
         history = trainer.fit(module, data, resume=resume)
-        assert trainer._programs.config.speculate
+        assert trainer.programs.config.speculate
         opt = [np.array(x) for x in jax.tree.leaves(trainer.train_state()["opt"])]
         return trainer, state(module) + opt, history.history
 

@@ -76,7 +76,7 @@ def run_reference(workdir, **kw):
         arrays=child.state_arrays(trainer),
         history=history,
         csv=(workdir / "metrics.csv").read_text(),
-        traces=trainer._programs.trace_count,
+        traces=trainer.programs.trace_count,
         workdir=workdir,
     )
 
@@ -125,7 +125,7 @@ def test_interrupted_mid_epoch_then_resumed_equals_the_uninterrupted_run(
     assert history.epoch == [0, 1, 2]
     assert history.history == want.history.history
     assert (workdir / "metrics.csv").read_text() == want.csv
-    assert trainer._programs.trace_count == want.traces  # restored arrays compile no new program
+    assert trainer.programs.trace_count == want.traces  # restored arrays compile no new program
 
 
 def test_a_crash_after_an_epoch_checkpoint_resumes_without_repeating_the_epoch_end(tmp_path, ref):

@@ -210,7 +210,7 @@ class ModelCheckpoint(Callback):
         self._seen_step = step
         if n is None or step // n == prev // n:
             return
-        if self._epoch_ending(trainer):
+        if trainer.epoch_ending():
             # The epoch end follows this call: save after it, as the next epoch's start.
             self._pending = self._pending or {"metrics": {}}
             return
@@ -430,14 +430,6 @@ class ModelCheckpoint(Callback):
         )
 
     # -- checks ---------------------------------------------------------------------------
-    def _epoch_ending(self, trainer) -> bool:
-        n = getattr(trainer, "_n_train_batches", None)
-        return (
-            trainer.should_stop
-            or (trainer.max_steps is not None and trainer.global_step >= trainer.max_steps)
-            or (n is not None and trainer.batch_in_epoch >= n)
-        )
-
     def _check_monitor(self, trainer) -> None:
         """Before training: a typo found after the first epoch may cost hours."""
         self._monitor.check_fit(trainer, self)

@@ -81,8 +81,7 @@ class GradNormMonitor(Callback):
     def logged_metrics(self, trainer) -> list[str]:
         names = ["grad_norm"]
         if self.per_module:
-            order = getattr(getattr(trainer, "_programs", None), "metric_order", [])
-            names += [k for k in order if k.startswith("grad_norm/")]
+            names += [k for k in trainer.metric_names if k.startswith("grad_norm/")]
         return names
 
     def on_fit_start(self, trainer, module) -> None:

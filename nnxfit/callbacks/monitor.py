@@ -22,6 +22,8 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+
 from nnxfit.errors import ConfigError
 
 MODES = ("min", "max", "auto")
@@ -204,16 +206,7 @@ class Monitor:
 
 def train_metric_names(trainer) -> list[str]:
     """Names the train step logs (``loss``, ``training_step``'s metrics, step features)."""
-    programs = getattr(trainer, "_programs", None)
-    if programs is None:
-        return []
-    names = list(programs.metric_order)
-    features = programs.config.features
-    if "lr" in features:
-        names.append("lr")
-    if "finite" in features:
-        names.append("nonfinite_steps")
-    return names
+    return trainer.metric_names
 
 
 def declared_metrics(trainer) -> dict[str, list]:
@@ -233,7 +226,7 @@ _VAL_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def val_metric_names(trainer) -> list[str]:
     """``val_*`` names ``validation_step`` returns on ``val_data`` (traced with
     ``jax.eval_shape``, once per fit); empty without val_data."""
-    programs = getattr(trainer, "_programs", None)
+    programs = trainer.programs
     if programs is None or getattr(trainer, "val_data", None) is None:
         return []
     names = _VAL_NAMES.get(programs)
@@ -243,7 +236,8 @@ def val_metric_names(trainer) -> list[str]:
         batch = next(iter(epoch_batches(trainer.val_data, 0)), None)
         names = []
         if batch is not None:
-            leaves = trainer._leaves[: trainer._n_module]
+            state = trainer.train_state()
+            leaves = jax.tree.leaves(state["params"]) + jax.tree.leaves(state["rest"])
             names = [f"val_{k}" for k in programs.eval_metric_names(leaves, batch)]
         _VAL_NAMES[programs] = names
     return list(names)

@@ -82,8 +82,7 @@ class ThroughputMonitor(Callback):
         self.warned_at_step = None
         self._start = None
         self._points.clear()
-        spec = getattr(trainer, "_spec", None)
-        batch = getattr(spec, "batch_size", None)
+        batch = getattr(trainer.batch_spec, "batch_size", None)
         self._per_step_examples = int(batch) * trainer.grad_accum_steps if batch else None
 
     def on_train_epoch_start(self, trainer, module, epoch) -> None:

@@ -72,7 +72,7 @@ def main() -> dict:
         "repeat_equal": v4 == v4_again,
         "test_f1": t4["test_f1"],
         "fit_val_f1": history.history["val_f1"],
-        "fit_eval_traces": fit._programs.eval_trace_count,
+        "fit_eval_traces": fit.programs.eval_trace_count,
     }
 
 

@@ -102,7 +102,7 @@ def main(pid: int, port: int, out_dir: str) -> None:
                 "validate": val,
                 "console_chars": len(buf.getvalue()),
                 "csv": os.path.exists(os.path.join(out_dir, f"workdir{pid}", "metrics.csv")),
-                "trace_count": trainer._programs.trace_count,
+                "trace_count": trainer.programs.trace_count,
             },
             f,
         )

@@ -98,7 +98,7 @@ def data_parallel() -> dict:
         "param_rel_diff": rel_diff(float_state(m4), float_state(m1)),
         "history_rel_diff": history_diff(h1, h4),
         "history": h4.history,
-        "trace_count": t4._programs.trace_count,
+        "trace_count": t4.programs.trace_count,
         "train_compiles": compiles,
         "state_specs": sorted({str(x.sharding.spec) for x in leaves}),
         "state_on_mesh": all(x.sharding.mesh == MESH for x in leaves),
@@ -217,7 +217,7 @@ def fsdp() -> dict:
             for k, m4_var in (("l1", m4.l1.kernel), ("l2", m4.l2.kernel), ("l3", m4.l3.kernel))
         },
         "mu_specs": {k: str(mu[k]["kernel"].sharding.spec) for k in ("l1", "l2", "l3")},
-        "trace_count": trainer._programs.trace_count,
+        "trace_count": trainer.programs.trace_count,
         "created_on_devices": created_on,
     }
 
@@ -289,7 +289,7 @@ def checkpoint() -> dict:
         "restored_specs": start.specs,
         "restored_mu_specs": start.mu_specs,
         "final_devices": len(resumed.l1.kernel.get_value().sharding.device_set),
-        "trace_count": trainer._programs.trace_count,
+        "trace_count": trainer.programs.trace_count,
     }
 
 
