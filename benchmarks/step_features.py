@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from common import DigitsModule, digits, full_batches  # noqa: E402
 
 import nnxfit  # noqa: E402
-import nnxfit.trainer  # noqa: E402
+import nnxfit.speculation  # noqa: E402
 from nnxfit.data import ArrayLoader  # noqa: E402
 
 SETS = {
@@ -56,7 +56,7 @@ def programs(x, y, batch: int, hidden: int, features, spe: int):
         steps_per_execution=spe,
     )  # fmt: skip
     trainer.fit(DigitsModule(hidden), ArrayLoader((x, y), batch_size=batch))
-    return trainer.programs, [jnp.copy(leaf) for leaf in trainer._leaves]
+    return trainer.programs, [jnp.copy(leaf) for leaf in trainer.carry.leaves]
 
 
 def runner(x, y, batches, batch: int, hidden: int, features, spe: int):
@@ -89,14 +89,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-speculate", action="store_true", help="gate every step (no speculation)")
     args = p.parse_args(argv)
     if args.no_speculate:
-        nnxfit.trainer.SPECULATE_MAX_BYTES = 0
+        nnxfit.speculation.SPECULATE_MAX_BYTES = 0
     names = ["none", *[s for s in args.sets.split(",") if s != "none"]]
 
     x, y, batches = full_batches(*digits(), args.batch)
     print(
         f"MLP hidden {args.hidden}, batch {args.batch}, {args.steps} steps per timing, best of "
         f"{args.repeats}; jax {jax.__version__}, {jax.devices()[0].device_kind}; speculate "
-        f"{'off' if args.no_speculate else f'up to {nnxfit.trainer.SPECULATE_MAX_BYTES} B'}"
+        f"{'off' if args.no_speculate else f'up to {nnxfit.speculation.SPECULATE_MAX_BYTES} B'}"
     )
     for spe in (int(s) for s in args.spe.split(",")):
         runs = {n: runner(x, y, batches, args.batch, args.hidden, SETS[n], spe) for n in names}

@@ -2,6 +2,11 @@
 
 from nnxfit import metrics
 from nnxfit.callbacks.base import Callback
+from nnxfit.callbacks.compile_watch import (
+    CompileWatch,
+    RecompileWarning,
+    enable_compilation_cache,
+)
 from nnxfit.checkpoint import (
     CheckpointCorruptError,
     CheckpointInfo,
@@ -11,7 +16,6 @@ from nnxfit.checkpoint import (
     load_checkpoint,
     read_meta,
 )
-from nnxfit.compile_watch import CompileWatch, RecompileWarning, enable_compilation_cache
 from nnxfit.errors import (
     BatchError,
     CheckpointError,

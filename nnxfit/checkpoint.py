@@ -1,4 +1,5 @@
-"""Checkpoints on disk: the orbax plumbing, resume, and ``load_checkpoint``.
+"""Checkpoints on disk: the orbax plumbing, saving and restoring a fit's state, and
+``load_checkpoint`` (``fit(resume=...)``, which picks the checkpoint, is ``resume.py``).
 
 A checkpoint is one orbax step folder ``<dir>/<step>/``. Orbax writes it as
 ``<step>.orbax-checkpoint-tmp`` and renames it once every item is on disk, so a folder named
@@ -38,23 +39,13 @@ from typing import Any, NamedTuple
 import jax
 from flax import nnx
 
+from nnxfit.config import EXACTNESS_OPTIONS, trainer_options  # noqa: F401 (re-exported)
 from nnxfit.errors import CheckpointError, ConfigError
 from nnxfit.module_leaves import live_leaves
-from nnxfit.warn import warn
 
 FORMAT = 1
 TRAIN_FIELDS = ("opt", "step", "acc", "last", "health")
 TMP_MARKER = ".orbax-checkpoint-tmp"
-# Options that change the numbers a step computes: a resume with any of them changed cannot
-# continue bit for bit, so it warns.
-EXACTNESS_OPTIONS = (
-    "seed",
-    "batch_size",
-    "steps_per_execution",
-    "grad_accum_steps",
-    "grad_clip_norm",
-    "precision",
-)
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -313,48 +304,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def trainer_options(trainer) -> dict:
-    """The Trainer options a checkpoint records (and a resume compares)."""
-    names = (
-        "max_epochs",
-        "max_steps",
-        "seed",
-        "log_every_n_steps",
-        "val_every_n_epochs",
-        "val_every_n_steps",
-        "steps_per_execution",
-        "grad_accum_steps",
-        "grad_clip_norm",
-        "precision",
-        "limit_train_batches",
-        "limit_val_batches",
-        "overfit_batches",
-        "prefetch",
-    )
-    out: dict[str, Any] = {n: getattr(trainer, n, None) for n in names}
-    spec = trainer.batch_spec
-    out["batch_size"] = getattr(spec, "batch_size", None)
-    mesh = getattr(trainer, "mesh", None)
-    out["mesh"] = dict(mesh.shape) if mesh is not None else None
-    out["num_devices"] = jax.device_count()
-    out["loader"] = _loader_options(getattr(trainer, "train_data", None))
-    return json.loads(json.dumps(out, default=str))
-
-
-def _loader_options(data: Any) -> dict | None:
-    """An ``ArrayLoader``'s settings: the order of its batches follows from them."""
-    from nnxfit.data import ArrayLoader
-
-    if not isinstance(data, ArrayLoader):
-        return None
-    return {
-        "seed": data.seed,
-        "shuffle": data.shuffle,
-        "batch_size": data.batch_size,
-        "drop_last": data.drop_last,
-    }
-
-
 def _json_float(v: Any) -> Any:
     try:
         return float(v)
@@ -529,123 +478,6 @@ def newest_intact(directory: str, steps: list[int], try_one) -> tuple[int, Any, 
         f"no checkpoint in {directory} is readable:\n{lines}\nNothing was changed on disk; "
         "start a fresh run or restore the folder from a backup."
     )
-
-
-# -------------------------------------------------------------------------------- resume ---
-def _checkpoint_dirs(trainer) -> list[str]:
-    from nnxfit.callbacks.checkpoint import ModelCheckpoint
-
-    dirs = [c.resolve_directory(trainer) for c in trainer.cb if isinstance(c, ModelCheckpoint)]
-    if dirs:
-        return list(dict.fromkeys(dirs))
-    if trainer.workdir is None:
-        raise ConfigError(
-            "fit(resume=True) looks for checkpoints in the Trainer's workdir, but workdir is "
-            "None; pass Trainer(workdir=...) or a checkpoint path: fit(..., resume='path')."
-        )
-    return [os.path.abspath(os.path.join(trainer.workdir, "checkpoints"))]
-
-
-def resume_fit(trainer, resume: Any) -> None:
-    """``fit(resume=...)``: loads the newest complete checkpoint (``resume=True``) or the one
-    at a path, into a Trainer whose fit is set up; sets ``trainer.resumed_from``."""
-    if resume is True:
-        candidates = [(d, s) for d in _checkpoint_dirs(trainer) for s in list_steps(d)]
-        if not candidates:
-            where = ", ".join(_checkpoint_dirs(trainer))
-            warnings.warn(
-                f"fit(resume=True): no checkpoint in {where}; starting fresh.",
-                ResumeWarning,
-                stacklevel=4,
-            )
-            return
-        newest = max(s for _, s in candidates)
-        directory = next(d for d, s in candidates if s == newest)
-        steps, explicit = list_steps(directory), False
-    elif isinstance(resume, str | os.PathLike):
-        directory, step = resolve(resume)
-        explicit = step is not None
-        steps = [step] if explicit else list_steps(directory)
-        if not steps:
-            raise CheckpointError(
-                f"fit(resume={os.fspath(resume)!r}): no complete checkpoint in {directory}; "
-                "pass a checkpoint folder (…/checkpoints/<step>), a checkpoints folder, or "
-                "resume=True to start fresh when there is none."
-            )
-    else:
-        raise ConfigError(
-            f"fit(resume=...) takes True, False or a checkpoint path; got {resume!r}."
-        )
-
-    def load(step):
-        return restore_into_trainer(trainer, directory, step)
-
-    if explicit:
-        step, meta, corrupt = steps[0], load(steps[0]), []
-    else:
-        step, meta, corrupt = newest_intact(directory, steps, load)
-    if corrupt and trainer.is_global_zero:
-        dest = move_aside(directory, corrupt, "corrupt")
-        warnings.warn(
-            f"resumed from checkpoint {step}; the unreadable checkpoint(s) {corrupt} were "
-            f"moved to {dest}.",
-            ResumeWarning,
-            stacklevel=4,
-        )
-    trainer.resumed_from = os.path.join(directory, str(step))
-    _warn_on_drift(meta, trainer)
-
-
-def _warn_on_drift(meta: dict, trainer) -> None:
-    """Warns (``ResumeWarning``, at the user's ``fit`` line) about what differs from the run
-    that saved the checkpoint: options the resumed fit uses although they change its numbers,
-    and the ``ArrayLoader`` seed, which the checkpoint's loader state overrides. ``trainer.
-    _requested_options`` are the options as given, taken before the restore."""
-
-    old = meta.get("trainer", {})
-    new = getattr(trainer, "_requested_options", None) or trainer_options(trainer)
-    changed = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in EXACTNESS_OPTIONS
-        if k in old and old.get(k) != new.get(k)
-    ]
-    old_l, new_l = old.get("loader") or {}, new.get("loader") or {}
-    changed += [
-        f"ArrayLoader {k}: {old_l[k]!r} -> {new_l[k]!r}"
-        for k in ("shuffle", "drop_last")
-        if k in old_l and k in new_l and old_l[k] != new_l[k]
-    ]
-    # Without a mesh a fit runs on one device, however many there are; with one, its shape
-    # decides how batches split and how gradients are summed.
-    if "mesh" in old and (old.get("mesh") or new.get("mesh")):
-        old_n, new_n = old.get("num_devices"), new.get("num_devices")
-        if old.get("mesh") != new.get("mesh") or old_n != new_n:
-            changed.append(
-                f"mesh: {old.get('mesh')} on {old_n} device(s) -> {new.get('mesh')} on "
-                f"{new_n} device(s)"
-            )
-    old_v, new_v = meta.get("versions", {}), versions()
-    changed += [
-        f"{k} {old_v[k]} -> {new_v.get(k)}"
-        for k in ("jax", "jaxlib")
-        if k in old_v and old_v[k] != new_v.get(k)
-    ]
-    if changed:
-        warn(
-            f"resuming {trainer.resumed_from} with settings that differ from the run that "
-            f"saved it ({'; '.join(changed)}); training continues with the new settings, but "
-            "not bit for bit as the uninterrupted run would have.",
-            ResumeWarning,
-        )
-    if "seed" in old_l and "seed" in new_l and old_l["seed"] != new_l["seed"]:
-        seed = old_l["seed"]
-        warn(
-            f"resuming {trainer.resumed_from}: the ArrayLoader has seed={new_l['seed']!r} but "
-            f"the checkpoint's loader state has seed={seed!r}; the checkpoint's seed {seed!r} "
-            "is used, so the batches continue in the saved run's order. To shuffle with "
-            f"seed={new_l['seed']!r}, start a fresh fit (resume=False) or use another workdir.",
-            ResumeWarning,
-        )
 
 
 # ----------------------------------------------------------------------- load_checkpoint ---

@@ -14,7 +14,7 @@ from nnxfit.adapters import (  # noqa: F401 (GrainLoader re-exported)
     adapt,
     seed_torch_sampler,
 )
-from nnxfit.errors import BatchError, ConfigError, EmptyDataError
+from nnxfit.errors import BatchError, ConfigError, EmptyDataError, positive_int
 
 
 class ArrayLoader:
@@ -48,8 +48,7 @@ class ArrayLoader:
         self.num_examples = sizes.pop()
         if self.num_examples == 0:
             raise EmptyDataError("ArrayLoader got arrays with 0 examples; it would yield no batch.")
-        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
+        batch_size = positive_int("batch_size", batch_size)
         if drop_last and batch_size > self.num_examples:
             raise EmptyDataError(
                 f"batch_size={batch_size} with drop_last=True and only {self.num_examples} "

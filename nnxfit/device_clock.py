@@ -113,7 +113,7 @@ def steps_per_second(a: DeviceProgress, b: DeviceProgress) -> float | None:
 class DeviceClock:
     """Stamps what the device finished; the Trainer calls it from its loop (see the module doc).
 
-    ``wait`` waits for a list of arrays (the Trainer's sleeping ``wait_ready``); ``clock`` is the
+    ``wait`` waits for a list of arrays (the loop's sleeping ``carry.wait_ready``); ``clock`` is the
     time source (tests pass a fake one).
     """
 

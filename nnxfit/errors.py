@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 
 class NnxfitError(Exception):
     """Base class of every error nnxfit raises on purpose."""
@@ -59,3 +62,14 @@ class WorkdirLockedError(NnxfitError, RuntimeError):
 
 class CallbackError(NnxfitError, RuntimeError):
     """Wraps nothing: kept for callbacks that want to fail with an nnxfit error."""
+
+
+def positive_int(what: str, value: Any, *, allow_none: bool = False, hint: str = "") -> int | None:
+    """``value`` as an ``int`` >= 1 (``None`` passes when ``allow_none``), else a
+    ``ConfigError`` naming ``what``, the value and what it takes (``hint`` adds to that). The
+    one check of every count-like option (Trainer options, callbacks' step counts)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{what} must be an integer >= 1{hint}; got {value!r}.")
+    return int(value)

@@ -1,6 +1,7 @@
 """What ``fit`` does on SIGTERM and SIGINT (Ctrl-C).
 
-* The first signal sets ``Trainer._signal`` and says at once, on stderr, what will happen:
+* The first signal is noted in the fit's ``Signals`` and said at once, on stderr, with what
+  will happen:
   the step the fit stops after and where it saves. The loop checks the flag before it sends
   each jitted call, around every epoch end and between validation batches. The calls already
   sent finish (the device cannot stop mid-program; with ``steps_per_execution=K`` that is
@@ -26,27 +27,39 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from nnxfit.errors import TrainingInterrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+@dataclass
+class Signals:
+    """What a signal asked of the running fit: set by the handler, read by the loop."""
+
+    received: int | None = None  # the first signal's number; None while none came
+    stop_step: int = 0  # the step the fit stops after: every call sent, and the one being sent
+    sending: int = 0  # the step the call being sent ends at (the loop keeps it current)
+
+
 @contextlib.contextmanager
-def handlers(trainer):
-    """Installs the fit's SIGTERM/SIGINT handlers (main thread only) and restores the
-    previous ones on the way out."""
+def handlers(trainer, signals: Signals, saving_to: Callable[[], list[str]]):
+    """Installs the fit's SIGTERM/SIGINT handlers (main thread only), which note a signal in
+    ``signals``, and restores the previous ones on the way out. ``saving_to()``: the folders
+    the fit's checkpoint callbacks save to (named in the notice)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal.signal works only there; Python delivers signals to the main thread
         return
 
     def handler(signum, frame):
-        if trainer._signal is None:
+        if signals.received is None:
             # The step the loop stops after: every call sent, and the one being sent
-            # (``Trainer._run_calls`` checks this against its own count).
-            trainer._stop_step = max(trainer.dispatch_step, trainer._send_step)
-            trainer._signal = signum
-            notice(trainer, _stop_notice(trainer, signum))
+            # (``Trainer._dispatch`` checks this against its own count).
+            signals.stop_step = max(trainer.dispatch_step, signals.sending)
+            signals.received = signum
+            notice(trainer, _stop_notice(trainer, signals, saving_to()))
         elif signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a third one kills at once
             notice(
@@ -84,9 +97,7 @@ def notice(trainer, text: str) -> None:
 def position(trainer, epoch: int, batch: int | None = None) -> str:
     """``epoch 2 of 3, batch 5 of 7``: epochs counted from 1, as the progress bar shows them
     (hooks still get 0-based ``epoch``)."""
-    from nnxfit.callbacks.progress import epochs_total
-
-    total = epochs_total(trainer)
+    total = trainer.epochs_total
     where = f"epoch {epoch + 1}" + (f" of {total}" if total else "")
     if batch is None:
         return where
@@ -96,24 +107,12 @@ def position(trainer, epoch: int, batch: int | None = None) -> str:
     return f"{where}, batch {batch}" + (f" of {nb}" if nb else "")
 
 
-def checkpoint_dirs(trainer) -> list[str]:
-    """Where the fit's ``ModelCheckpoint``s save (none under ``fast_dev_run``)."""
-    from nnxfit.callbacks.checkpoint import ModelCheckpoint
-
-    if trainer.fast_dev_run:
-        return []
-    return [
-        c.directory
-        for c in trainer.cb
-        if isinstance(c, ModelCheckpoint) and c.directory is not None
-    ]
-
-
 def _name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "signal"
 
 
-def _stop_notice(trainer, signum: int) -> str:
+def _stop_notice(trainer, signals: Signals, dirs: list[str]) -> str:
+    signum = signals.received
     name = _name(signum)
     if not trainer.fitting:
         return (
@@ -121,8 +120,8 @@ def _stop_notice(trainer, signum: int) -> str:
             "its final save, then stops."
         )
     epoch = trainer.dispatch_epoch if trainer.dispatch_epoch is not None else 0
-    text = f"{name} received: stopping after step {trainer._stop_step} ({position(trainer, epoch)})"
-    dirs = checkpoint_dirs(trainer)
+    where = position(trainer, epoch)
+    text = f"{name} received: stopping after step {signals.stop_step} ({where})"
     if dirs:
         text += f" and saving a checkpoint to {', '.join(dirs)}"
     else:
@@ -132,16 +131,15 @@ def _stop_notice(trainer, signum: int) -> str:
     return text + "."
 
 
-def interrupted(trainer, after_last_step: bool = False) -> TrainingInterrupted:
-    """The ``TrainingInterrupted`` that ``fit`` raises, its message naming the step, the
-    place in the fit (epochs from 1) and the checkpoint written."""
-    signum, step = trainer._signal, trainer.global_step
+def interrupted(
+    trainer, signum: int | None, dirs: list[str], after_last_step: bool = False
+) -> TrainingInterrupted:
+    """The ``TrainingInterrupted`` that ``fit`` raises for signal ``signum``, its message
+    naming the step, the place in the fit (epochs from 1) and the checkpoint written (in one
+    of ``dirs``)."""
+    step = trainer.global_step
     name = _name(signum)
-    saved = [
-        os.path.join(d, str(step))
-        for d in checkpoint_dirs(trainer)
-        if os.path.isdir(os.path.join(d, str(step)))
-    ]
+    saved = [os.path.join(d, str(step)) for d in dirs if os.path.isdir(os.path.join(d, str(step)))]
     if after_last_step:
         message = (
             f"{name} received after the last step ({step}, "

@@ -8,10 +8,10 @@ and a stop waits for little.
 
 Per call it takes an array that is ready once the device has done that call (a small output
 that is not donated). From the calls it sees finish it estimates the device's seconds per
-call, and it waits (sleeping, ``trainer.wait_ready``) only when the calls not yet seen done
+call, and it waits (sleeping, ``carry.wait_ready``) only when the calls not yet seen done
 are worth more than ``max_lag``. A device that keeps up never makes it wait; with quick
 calls it looks only every 16th call, so it costs well under 1 us a call. ``wait(arrays)``
-waits for arrays (``trainer.wait_ready``: it sleeps rather than spins).
+waits for arrays (``carry.wait_ready``: it sleeps rather than spins).
 """
 
 from __future__ import annotations

@@ -169,9 +169,10 @@ class Placement:
                 "size of their mesh axes."
             ) from e
 
-    def put_carry(self, leaves: list, programs: Any) -> list:
+    def put_carry(self, leaves: list) -> list:
         """The train state's leaves with every one not yet on the mesh (counters, metric
-        sums) replicated, and ``programs`` pinned to return them with these shardings."""
+        sums) replicated; the train programs are built to return them with these shardings
+        (``step.Programs``)."""
         if self.mesh is None:
             return leaves
         out = []
@@ -179,7 +180,6 @@ class Placement:
             s = getattr(x, "sharding", None)
             on_mesh = isinstance(s, NamedSharding) and s.mesh == self.mesh and x.committed
             out.append(x if on_mesh else self._put(x, self.replicated, ()))
-        programs.pin_shardings([x.sharding for x in out])
         return out
 
     def init_optimizer(self, tx: Any, params: Any) -> Any:

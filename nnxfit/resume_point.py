@@ -65,11 +65,26 @@ class ResumeInfo(NamedTuple):
     logs: dict
     epoch_end: tuple[int, dict] | None
 
+    @classmethod
+    def of(cls, state: dict, step: int, trail: Trail) -> ResumeInfo:
+        """From a checkpoint's loop ``state`` at ``step`` and the trail restored from it."""
+        log_step, logs = trail.prev
+        superseded = int(state.get("superseded_from", step + 1))
+        return cls(log_step, superseded, dict(logs), trail.epoch)
+
 
 class Trail:
     """What the Trainer keeps while it trains to compute a resume point: the last two train
     logs, the sums of the epoch end, and, under ``NaNGuard("stop")``, where recent calls
     ended (``keep_calls`` of them)."""
+
+    @classmethod
+    def restored(cls, state: dict, step: int, keep_calls: int) -> Trail:
+        """The trail of a resumed fit at ``step``, from its checkpoint's loop ``state``."""
+        trail = cls(int(state.get("log_step", step)), state.get("logged_metrics"), keep_calls)
+        end = state.get("epoch_end")
+        trail.epoch = (int(end[0]), dict(end[1])) if end else None
+        return trail
 
     def __init__(self, log_step: int = 0, logs: dict | None = None, keep_calls: int = 0):
         self.prev: tuple[int, dict] = (log_step, dict(logs or {}))  # the last regular log
@@ -107,7 +122,7 @@ class Trail:
 
 class ResumePoint(NamedTuple):
     step: int
-    leaves: list  # the carry to save (Trainer._leaves layout)
+    leaves: list  # the carry to save (``FitCarry.leaves`` layout)
     loop: dict  # the loop state to save (Trainer.loop_state layout)
 
 
@@ -124,30 +139,35 @@ def numbers(logs: dict) -> dict[str, float]:
 
 def halted(trainer) -> bool:
     """``NaNGuard("stop")`` froze the state at a non-finite step the host has seen."""
-    features = trainer._programs.config.features
-    return "halt_on_nonfinite" in features and trainer.first_nonfinite_step is not None
+    features = trainer.programs.config.features
+    return features.halts and trainer.first_nonfinite_step is not None
 
 
-def step_of(trainer) -> int:
-    """The step a checkpoint taken now is at (``Trainer.checkpoint_step``)."""
-    if trainer._resume_point is not None:
-        return trainer._resume_point.step
+def step_of(trainer, point: ResumePoint | None) -> int:
+    """The step a checkpoint taken now is at (``Trainer.checkpoint_step``), given the fit's
+    resume ``point`` (None while it trains)."""
+    if point is not None:
+        return point.step
     return trainer.first_nonfinite_step - 1 if halted(trainer) else trainer.global_step
 
 
-def capture(trainer, *, at_end: bool, partial: bool = False) -> ResumePoint | None:
-    """The resume point of ``trainer`` now. ``at_end``: at an epoch end whose sums were just
-    read (``Trail.end``), before its validation and hooks; None there when the epoch is
-    complete and nothing was halted (the epoch end then belongs to the checkpoint).
-    Otherwise (a checkpoint while training) the live state, with an off-grid final log undone."""
-    t, trail, frozen = trainer, trainer._trail, halted(trainer)
+def capture(
+    trainer, trail: Trail, cut_rest: int, *, at_end: bool, partial: bool = False
+) -> ResumePoint | None:
+    """The resume point of ``trainer`` now, from what its ``trail`` kept and the steps
+    ``max_steps`` cut from its last call (``cut_rest``, ``plan.Plan``). ``at_end``: at an
+    epoch end whose sums were just read (``Trail.end``), before its validation and hooks; None
+    there when the epoch is complete and nothing was halted (the epoch end then belongs to the
+    checkpoint). Otherwise (a checkpoint while training) the live state, with an off-grid
+    final log undone."""
+    t, frozen, carry = trainer, halted(trainer), trainer.carry
     if at_end and not (partial or frozen):
         return None
     step = t.first_nonfinite_step - 1 if frozen else t.global_step
     if at_end:
         epoch_acc, acc = trail.end
     else:
-        epoch_acc, acc = t._epoch_acc, None  # the carry holds the sums since the last log
+        epoch_acc, acc = carry.epoch_acc, None  # the carry holds the sums since the last log
     last = trail.last
     undo = last is not None and (last.step > step or last.extra)
     if undo:
@@ -160,21 +180,20 @@ def capture(trainer, *, at_end: bool, partial: bool = False) -> ResumePoint | No
         epoch, batch, rest = t.current_epoch, *_position(trail, step)
         superseded = step + 1
     else:
-        epoch, batch, rest = t.current_epoch, t.batch_in_epoch, t._cut_rest
+        epoch, batch, rest = t.current_epoch, t.batch_in_epoch, cut_rest
         superseded = step if (partial or undo) else step + 1
     if not (at_end or undo or frozen) and not rest:
-        return ResumePoint(step, t._leaves, t.loop_state())
+        return ResumePoint(step, carry.leaves, t.loop_state())
 
-    leaves = list(t._leaves)
+    leaves, layout = list(carry.leaves), carry.layout
     if acc is not None:
-        old = leaves[t._n_head]
-        leaves[t._n_head] = jax.device_put(np.asarray(acc, np.float32), old.sharding)
+        old = leaves[layout.n_head]
+        leaves[layout.n_head] = jax.device_put(np.asarray(acc, np.float32), old.sharding)
     if frozen:  # the state after step n - 1, with a clean non-finite record
-        where = jax.tree.unflatten(t._programs.treedef, range(len(leaves)))
-        if t._step_index is not None:
-            leaves[t._step_index] = jnp.full_like(leaves[t._step_index], step)
-        for i in where.health.values():
-            leaves[i] = jnp.full_like(leaves[i], -1 if i != t._count_index else 0)
+        if layout.step_index is not None:
+            leaves[layout.step_index] = jnp.full_like(leaves[layout.step_index], step)
+        for i in layout.health_indices:
+            leaves[i] = jnp.full_like(leaves[i], -1 if i != layout.count_index else 0)
     loop = {
         "global_step": step,
         "epoch": epoch,

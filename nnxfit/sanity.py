@@ -12,22 +12,15 @@ checks every validation batch.
 
 from __future__ import annotations
 
+from nnxfit.config import sanity_steps  # noqa: F401 (the option's check lives with the others)
 from nnxfit.data import epoch_batches
-from nnxfit.errors import ConfigError, EmptyDataError
+from nnxfit.errors import EmptyDataError
 
 
-def sanity_steps(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-        raise ConfigError(
-            f"num_sanity_val_steps must be an integer >= 0 (0 turns the validation sanity "
-            f"check off) or -1 (every validation batch); got {value!r}."
-        )
-    return value
-
-
-def check_validation(trainer) -> None:
+def check_validation(trainer, run_validation) -> None:
     """Runs ``validation_step`` on the first ``trainer.num_sanity_val_steps`` batches of
-    ``trainer.val_data``; raises what it raises, with a note saying where it came from."""
+    ``trainer.val_data`` with ``run_validation(batches)`` (the fit's eval program on its
+    state); raises what it raises, with a note saying where it came from."""
     n = trainer.num_sanity_val_steps
     if not n or trainer.val_data is None or trainer.fast_dev_run:
         return
@@ -48,8 +41,7 @@ def check_validation(trainer) -> None:
                 f"val_data ({type(trainer.val_data).__name__}) yielded no batch; pass a "
                 "non-empty loader, or leave val_data out."
             )
-        programs = trainer._programs
-        trainer._run_validation(programs, trainer._leaves[: trainer._n_module], batches)
+        run_validation(batches)
     except Exception as e:
         e.add_note(note)
         raise

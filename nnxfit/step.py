@@ -8,9 +8,11 @@ edge over a hand-written loop that passes ``nnx.State`` (Python pytree callbacks
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 import jax
@@ -19,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit.errors import StepOutputError
+from nnxfit.errors import ConfigError, StepOutputError
 from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
 from nnxfit.hyperparams import learning_rate_of
 
@@ -27,6 +29,90 @@ FEATURES = frozenset(
     {"grad_norm", "module_grad_norms", "finite", "skip_nonfinite", "halt_on_nonfinite", "lr"}
 )
 GATES = frozenset({"skip_nonfinite", "halt_on_nonfinite"})  # features that gate the update
+
+
+class CallKind(StrEnum):
+    """Which train program a call runs: one step, or a ``lax.scan`` over stacked steps."""
+
+    SINGLE = "single"
+    MULTI = "multi"
+
+
+@dataclass(frozen=True)
+class StepFeatures:
+    """What the train step computes besides the loss, for the callbacks that ask for it
+    (``Callback.step_features``, by name: ``FEATURES``).
+
+    ``grad_norm``: the global gradient norm, logged. ``module_grad_norms``: one per top-level
+    submodule (``grad_norm/<name>``). ``finite``: whether the loss and the gradient are finite,
+    with the count of steps that were not and the first of them (``nonfinite_steps``).
+    ``on_nonfinite``: what such a step does to the state: ``"skip"`` leaves it untouched,
+    ``"halt"`` freezes it from then on (``NaNGuard``); it implies ``finite``. ``lr``: the
+    learning rate each step used, logged.
+    """
+
+    grad_norm: bool = False
+    module_grad_norms: bool = False
+    finite: bool = False
+    on_nonfinite: str | None = None  # None, "skip" or "halt"
+    lr: bool = False
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in (None, "skip", "halt"):
+            raise ConfigError(
+                f"StepFeatures on_nonfinite must be None, 'skip' or 'halt'; got "
+                f"{self.on_nonfinite!r}."
+            )
+        if self.on_nonfinite is not None and not self.finite:
+            object.__setattr__(self, "finite", True)  # a gate needs the finite check
+
+    @classmethod
+    def from_names(cls, names, owner: str = "a callback") -> StepFeatures:
+        """The features named in ``names`` (``FEATURES``); an unknown name is a
+        ``ConfigError`` naming ``owner``. ``halt_on_nonfinite`` wins over ``skip_nonfinite``."""
+        names = set(names)
+        unknown = sorted(map(str, names - FEATURES))
+        if unknown:
+            raise ConfigError(
+                f"{owner} asks the train step for step_features {unknown}, which it does not "
+                f"compute; the step features are {sorted(FEATURES)}."
+            )
+        gate = (
+            "halt"
+            if "halt_on_nonfinite" in names
+            else "skip"
+            if "skip_nonfinite" in names
+            else None
+        )
+        return cls(
+            grad_norm="grad_norm" in names,
+            module_grad_norms="module_grad_norms" in names,
+            finite="finite" in names,
+            on_nonfinite=gate,
+            lr="lr" in names,
+        )
+
+    @property
+    def gates(self) -> bool:
+        """A non-finite step must not change the state (``skip`` or ``halt``)."""
+        return self.on_nonfinite is not None
+
+    @property
+    def halts(self) -> bool:
+        return self.on_nonfinite == "halt"
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The features as the names callbacks use (``FEATURES``)."""
+        gate = {"skip": "skip_nonfinite", "halt": "halt_on_nonfinite"}.get(self.on_nonfinite)
+        flags = ("grad_norm", "module_grad_norms", "finite", "lr")
+        return frozenset({n for n in flags if getattr(self, n)} | ({gate} if gate else set()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def without(self, *names: str) -> StepFeatures:
+        return dataclasses.replace(self, **{n: False for n in names})
 
 
 class Carry(NamedTuple):
@@ -41,7 +127,7 @@ class Carry(NamedTuple):
     # jitted call takes and returns costs host time per call.
     acc: jax.Array
     last: dict  # values of the latest step (lr)
-    health: dict  # nonfinite_steps, first_nonfinite_step (int32, -1 = none); only with "finite"
+    health: dict  # nonfinite_steps, first_nonfinite_step (int32, -1 = none); only with finite
 
 
 @dataclass(frozen=True)
@@ -49,12 +135,11 @@ class StepConfig:
     grad_accum_steps: int = 1
     grad_clip_norm: float | None = None
     precision: str = "float32"
-    features: frozenset = field(default_factory=frozenset)
+    features: StepFeatures = field(default_factory=StepFeatures)
     lr_fn: Callable | None = None  # schedule(step) -> lr, when the lr is not in the opt state
     # With a non-finite gate: the train programs run ungated, and should a step turn out not
-    # finite, the Trainer re-runs the calls since a copy of the state it kept and undoes that
-    # step (``Trainer._rollback``, ``Programs.gated``). Only for small states
-    # (``trainer.SPECULATE_MAX_BYTES``).
+    # finite, the loop re-runs the calls since a copy of the state it kept and undoes that
+    # step (``speculation.py``, ``Programs.gated``). Only for small states.
     speculate: bool = False
 
 
@@ -142,47 +227,130 @@ def _cast_like(tree: Any, like: Any) -> Any:
 SMALL_LEAF = 1 << 16
 
 
-class Programs:
-    """Builds and caches the jitted programs for one module structure and step config."""
+def loss_fn(train_def, trainable, batch_def, precision: str, params, rest, batch):
+    """``training_step``'s loss on ``batch`` (leaves of a ``batch_def`` tree) with the module
+    merged from ``params`` and ``rest``; returns ``(loss, (metrics, new rest))``."""
+    low = precision == "bfloat16"
+    batch = jax.tree.unflatten(batch_def, batch)
+    if low:
+        # Params and inputs compute in bf16; the f32 master params get the gradients
+        # through the cast. Non-trainable state (BatchNorm statistics, which flax updates
+        # in f32) keeps its dtype, as Keras keeps normalisation layers in f32.
+        params = _cast_floats(params, jnp.bfloat16)
+        batch = _cast_floats(batch, jnp.bfloat16)
+    module = nnx.merge(train_def, params, rest)
+    loss, metrics = split_loss(module.training_step(batch))
+    _, _, new_rest = nnx.split(module, trainable, ...)
+    new_rest = _cast_like(nnx.as_pure(new_rest), rest)
+    return loss.astype(jnp.float32), (metrics, new_rest)
 
-    def __init__(self, train_def, eval_def, trainable, tx, treedef, config: StepConfig):
+
+def grads(loss, grad_accum_steps: int, params, rest, batch):
+    """Loss, metrics, new rest and gradients of one optimizer step (micro-batches summed);
+    ``loss(params, rest, batch)`` as ``loss_fn``."""
+    vg = jax.value_and_grad(loss, has_aux=True)
+    if grad_accum_steps == 1:
+        (value, (metrics, rest)), g = vg(params, rest, batch)
+        return value, metrics, rest, g
+
+    def micro(c, mb):
+        rest_c, gsum = c
+        (value, (metrics, rest_c)), g = vg(params, rest_c, mb)
+        return (rest_c, jax.tree.map(jnp.add, gsum, g)), (value, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (rest, gsum), (losses, metrics) = jax.lax.scan(micro, (rest, zeros), batch)
+    n = jax.tree.leaves(batch)[0].shape[0]
+    g = jax.tree.map(lambda x: x / n, gsum)
+    return losses.mean(), jax.tree.map(jnp.mean, metrics), rest, g
+
+
+def metric_names(train_def, trainable, config: StepConfig, batch_def, params, rest, batch):
+    """Names the train step logs, in order: ``loss``, ``training_step``'s metrics (found by
+    tracing on shapes, never by running it), then the step features' gradient norms.
+    ``params``, ``rest`` and ``batch`` (leaves) may be arrays or shapes."""
+    loss = functools.partial(loss_fn, train_def, trainable, batch_def, config.precision)
+    b = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in batch]
+    if config.grad_accum_steps > 1:
+        b = [jax.ShapeDtypeStruct((1, *s.shape), s.dtype) for s in b]
+    out = jax.eval_shape(
+        lambda p, r, x: grads(loss, config.grad_accum_steps, p, r, x)[1], params, rest, b
+    )
+    names = ["loss", *out]
+    if config.features.grad_norm:
+        names.append("grad_norm")
+    if config.features.module_grad_norms:
+        names += [f"grad_norm/{k}" for k in params]
+    return list(dict.fromkeys(names))
+
+
+class Programs:
+    """The jitted programs of one fit (or of one module outside a fit: ``for_eval``): the
+    train step (one step, a K-step scan, their gated versions), the eval and predict steps.
+    Built whole from the module's structure, the step config and the carry's layout."""
+
+    def __init__(
+        self,
+        *,
+        train_def,
+        eval_def,
+        trainable,
+        tx,
+        config: StepConfig,
+        treedef,
+        batch_def,
+        params_def,
+        rest_def,
+        metric_order: list[str],
+        shardings: list | None = None,
+    ):
         self.train_def = train_def
         self.eval_def = eval_def
         self.trainable = trainable
         self.tx = tx
-        self.treedef = treedef  # of Carry
         self.config = config
-        self.batch_def = None  # treedef of a train batch; the programs take its leaves
-        self.metric_order: list[str] = []  # names summed into Carry.acc, in order
+        self.treedef = treedef  # of Carry
+        self.batch_def = batch_def  # treedef of a train batch; the programs take its leaves
+        self.params_def, self.rest_def = params_def, rest_def
+        self.n_params = params_def.num_leaves
+        self.metric_order = list(metric_order)  # names summed into Carry.acc, in order
         self.trace_count = 0  # incremented on every trace of a train program (tests pin this)
         # on_trace(kind, batch_leaves): called while jax traces a train program, i.e. only
         # for a new input signature, so it is free at steady state (compile_watch.py).
         self.on_trace: Callable | None = None
-        self.sharded = False  # set by pin_shardings: the carry lives on a mesh
-        self._jit_kw: dict = {}  # out_shardings, on a mesh
+        # On a mesh the train programs return the carry with the shardings it came in with
+        # (``placement.py``), so every call hits one compiled program and donation reuses the
+        # buffers instead of resharding between steps.
+        self.sharded = shardings is not None
+        self._jit_kw: dict = {} if shardings is None else {"out_shardings": shardings}
         # Speculating, the train programs run ungated (``StepConfig.speculate``).
         self.train_single, self.train_multi = self._train_jits(None if config.speculate else "cond")
         self._gated: tuple | None = None
         # Eval programs, one per step method, and what each step returns per batch signature
         # (``eval_spec``). ``eval_trace_count`` counts their traces (tests pin this). The sums
-        # are not donated: small, and the Trainer keeps the last few to tell which validation
-        # batches the device has finished (``_run_validation``).
+        # are not donated: small, and the loop keeps the last few to tell which validation
+        # batches the device has finished (``evaluate.py``).
         self.eval_trace_count = 0
         self.eval_batch = jax.jit(functools.partial(self._eval, method="validation_step"))
         self.test_batch = jax.jit(functools.partial(self._eval, method="test_step"))
         self._eval_specs: dict = {}
         self.predict_batch = jax.jit(self._predict)
 
-    def pin_shardings(self, shardings: list) -> None:
-        """On a mesh: the train programs return the carry with the shardings it came in with
-        (``placement.py``), so every call hits one compiled program and donation reuses the
-        buffers instead of resharding between steps."""
-        self.sharded = True
-        self._jit_kw = {"out_shardings": shardings}
-        self.train_single, self.train_multi = self._train_jits(
-            None if self.config.speculate else "cond"
+    @classmethod
+    def for_eval(cls, eval_def, trainable, params_def, rest_def) -> Programs:
+        """The eval and predict programs of a module outside a fit (no train programs)."""
+        return cls(
+            train_def=None,
+            eval_def=eval_def,
+            trainable=trainable,
+            tx=None,
+            config=StepConfig(),
+            treedef=None,
+            batch_def=None,
+            params_def=params_def,
+            rest_def=rest_def,
+            metric_order=[],
         )
-        self._gated = None
 
     def _train_jits(self, gate: str | None) -> tuple:
         """The (single, multi) train programs, jitted and donated, with ``gate``."""
@@ -191,9 +359,15 @@ class Programs:
             jax.jit(functools.partial(f, gate=gate), **kw) for f in (self._single, self._multi)
         )
 
+    def train(self, gated: bool = False) -> dict:
+        """The train programs by ``CallKind``: as configured, or (``gated``) gating every
+        update (after a halt, ``speculation.py``)."""
+        single, multi = self.gated()[:2] if gated else (self.train_single, self.train_multi)
+        return {CallKind.SINGLE: single, CallKind.MULTI: multi}
+
     def gated(self) -> tuple:
-        """For a speculating config, what ``Trainer._rollback`` needs once a step was not
-        finite: (single, multi) programs that gate every update (after a halt), and
+        """For a speculating config, what ``speculation.Speculation`` needs once a step was
+        not finite: (single, multi) programs that gate every update (after a halt), and
         ``skipped(before, after)``. Compiled on first use."""
         if self._gated is None:
             skipped = jax.jit(self._skipped, donate_argnums=(0, 1), **self._jit_kw)
@@ -202,39 +376,19 @@ class Programs:
 
     # -- train ---------------------------------------------------------------------------
     def loss_fn(self, params, rest, batch):
-        cfg = self.config
-        low = cfg.precision == "bfloat16"
-        batch = jax.tree.unflatten(self.batch_def, batch)
-        if low:
-            # Params and inputs compute in bf16; the f32 master params get the gradients
-            # through the cast. Non-trainable state (BatchNorm statistics, which flax updates
-            # in f32) keeps its dtype, as Keras keeps normalisation layers in f32.
-            params = _cast_floats(params, jnp.bfloat16)
-            batch = _cast_floats(batch, jnp.bfloat16)
-        module = nnx.merge(self.train_def, params, rest)
-        loss, metrics = split_loss(module.training_step(batch))
-        _, _, new_rest = nnx.split(module, self.trainable, ...)
-        new_rest = _cast_like(nnx.as_pure(new_rest), rest)
-        return loss.astype(jnp.float32), (metrics, new_rest)
+        return loss_fn(
+            self.train_def,
+            self.trainable,
+            self.batch_def,
+            self.config.precision,
+            params,
+            rest,
+            batch,
+        )
 
     def grads(self, params, rest, batch):
         """Loss, metrics, new rest and gradients of one optimizer step (micro-batches summed)."""
-        vg = jax.value_and_grad(self.loss_fn, has_aux=True)
-        a = self.config.grad_accum_steps
-        if a == 1:
-            (loss, (metrics, rest)), g = vg(params, rest, batch)
-            return loss, metrics, rest, g
-
-        def micro(c, mb):
-            rest_c, gsum = c
-            (loss, (metrics, rest_c)), g = vg(params, rest_c, mb)
-            return (rest_c, jax.tree.map(jnp.add, gsum, g)), (loss, metrics)
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (rest, gsum), (losses, metrics) = jax.lax.scan(micro, (rest, zeros), batch)
-        n = jax.tree.leaves(batch)[0].shape[0]
-        g = jax.tree.map(lambda x: x / n, gsum)
-        return losses.mean(), jax.tree.map(jnp.mean, metrics), rest, g
+        return grads(self.loss_fn, self.config.grad_accum_steps, params, rest, batch)
 
     def global_norm(self, tree) -> jax.Array:
         """The L2 norm of all leaves. Small leaves go into one vector and one dot product: on
@@ -258,17 +412,14 @@ class Programs:
         cfg, feats = self.config, self.config.features
         loss, metrics, rest, g = self.grads(c.params, c.rest, batch)
         step_logs = {"loss": loss, **metrics}
-        need_norm = cfg.grad_clip_norm is not None or feats & {
-            "grad_norm",
-            "finite",
-        }
+        need_norm = cfg.grad_clip_norm is not None or feats.grad_norm or feats.finite
         gnorm = self.global_norm(g) if need_norm else None
         if cfg.grad_clip_norm is not None:
             scale = jnp.minimum(1.0, cfg.grad_clip_norm / (gnorm + 1e-12))
             g = jax.tree.map(lambda x: x * scale.astype(x.dtype), g)
-        if "grad_norm" in feats:
+        if feats.grad_norm:
             step_logs["grad_norm"] = gnorm
-        if "module_grad_norms" in feats and isinstance(g, nnx.State):
+        if feats.module_grad_norms and isinstance(g, nnx.State):
             for name in g:
                 step_logs[f"grad_norm/{name}"] = self.global_norm(g[name])
 
@@ -280,19 +431,19 @@ class Programs:
         state = (c.params, c.opt, c.rest, rest)
         ok = jnp.bool_(True)
         health = c.health
-        if "finite" in feats:
+        if feats.finite:
             finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
             ok = finite
-            if "halt_on_nonfinite" in feats:
+            if feats.halts:
                 ok = finite & (health["first_nonfinite_step"] < 0)
-        if gate == "cond" and feats & GATES:
+        if gate == "cond" and feats.gates:
             # Decide before updating: selecting between the updated and the old state after
             # the update cost 2.1x the step time of a small MLP with optax.adam on CPU, a cond
             # around the update 1.05x (with inject_hyperparams(adam), ~2x either way).
             params, opt, rest = jax.lax.cond(ok, update, lambda t: t[:3], state)
         else:  # no gate, or speculating (``StepConfig.speculate``)
             params, opt, rest = update(state)
-        if "finite" in feats:
+        if feats.finite:
             first = health["first_nonfinite_step"]
             health = {
                 "nonfinite_steps": health["nonfinite_steps"] + (~finite).astype(jnp.int32),
@@ -306,9 +457,9 @@ class Programs:
 
     def _last(self, last: dict, opt: Any, step: jax.Array | None) -> dict:
         last = dict(last)
-        if "lr" in self.config.features:
+        if self.config.features.lr:
             # The updated state holds the lr this update used (the old one, the step before's).
-            # "lr" is a feature only where the rate can be read (``Trainer._setup_fit``).
+            # lr is a feature only where the rate can be read (``carry.FitCarry.build``).
             lr = learning_rate_of(self.tx, opt, lr_schedule=self.config.lr_fn, step=step)
             if lr is not None:
                 last["lr"] = lr.astype(jnp.float32)
@@ -325,27 +476,17 @@ class Programs:
     def _single(self, leaves, batch, gate: str | None):
         self.trace_count += 1
         if self.on_trace is not None:
-            self.on_trace("single", batch)
+            self.on_trace(CallKind.SINGLE.value, batch)
         c = jax.tree.unflatten(self.treedef, leaves)
         return jax.tree.leaves(self.one_step(c, batch, gate))
 
     def _multi(self, leaves, batches, gate: str | None):
         self.trace_count += 1
         if self.on_trace is not None:
-            self.on_trace("multi", batches)
+            self.on_trace(CallKind.MULTI.value, batches)
         c = jax.tree.unflatten(self.treedef, leaves)
         c, _ = jax.lax.scan(lambda c, b: (self.one_step(c, b, gate), None), c, batches)
         return jax.tree.leaves(c)
-
-    def metric_names(self, carry_shapes: Carry, batch_shapes) -> list[str]:
-        """Names ``training_step`` logs, found by tracing (never by running it eagerly)."""
-        b = batch_shapes
-        if self.config.grad_accum_steps > 1:
-            b = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype), b)
-        out = jax.eval_shape(
-            lambda p, r, x: self.grads(p, r, x)[1], carry_shapes.params, carry_shapes.rest, b
-        )
-        return list(out)
 
     # -- eval and predict ----------------------------------------------------------------
     def _eval(self, module_leaves, acc, batch, method: str = "validation_step"):
@@ -392,10 +533,6 @@ class Programs:
             jax.tree.unflatten(self.params_def, module_leaves[:n]),
             jax.tree.unflatten(self.rest_def, module_leaves[n:]),
         )
-
-    def set_module_treedefs(self, params_def, rest_def):
-        self.params_def, self.rest_def = params_def, rest_def
-        self.n_params = params_def.num_leaves
 
 
 def stack(leaves_list: list[list]) -> list:

@@ -121,10 +121,10 @@ class ReadyProbe(nnxfit.Callback):
 
     def on_train_batch_end(self, trainer, module, step, logs):
         if self.sync:
-            jax.block_until_ready(trainer._leaves)
+            jax.block_until_ready(trainer.carry.leaves)
         # On CPU transfer guards do not see device-to-host copies, so observe the effect
         # of a sync instead: without one, the step just dispatched is still running.
-        self.ready.append(trainer._leaves[0].is_ready())
+        self.ready.append(trainer.carry.leaves[0].is_ready())
 
 
 def test_no_host_sync_between_log_intervals():

@@ -201,7 +201,7 @@ def test_the_eval_program_traces_once_per_batch_shape():
     module = Counted(seed=1)
     data = ArrayLoader((X, Y), batch_size=16)
     first = trainer.validate(module, data)
-    (programs,) = trainer._eval_cache.values()
+    programs = trainer.eval_programs(module)
     assert programs.eval_trace_count == 2  # batches of 16 and the last of 5
     assert traced == [16, 16, 5]  # the names and sums (once), then the two programs
     assert trainer.validate(module, data) == first

@@ -122,7 +122,7 @@ def test_skip_equals_a_run_that_never_saw_the_bad_batch(spe, speculate, monkeypa
     Speculating (ungated programs; the calls since the last good copy re-run gated once a bad
     step shows) or gating every step, one step or four a call."""
     if not speculate:
-        monkeypatch.setattr(nnxfit.trainer, "SPECULATE_MAX_BYTES", 0)
+        monkeypatch.setattr(nnxfit.speculation, "SPECULATE_MAX_BYTES", 0)
     bad = batches(bad={3, 41})
     good = [b for i, b in enumerate(bad) if i not in (3, 41)]
 

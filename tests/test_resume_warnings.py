@@ -14,8 +14,9 @@ from models import toy_data
 
 import nnxfit
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
-from nnxfit.checkpoint import ResumeWarning, _warn_on_drift, read_meta
+from nnxfit.checkpoint import ResumeWarning, read_meta
 from nnxfit.data import ArrayLoader
+from nnxfit.resume import warn_on_drift
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 import train_and_signal as child  # noqa: E402
@@ -92,7 +93,7 @@ def test_a_mesh_or_device_change_warns(finished):
     trainer, meta = finished
     meta["trainer"].update(mesh={"data": 4}, num_devices=4)  # as saved on 4 devices
     with pytest.warns(ResumeWarning) as record:
-        _warn_on_drift(meta, trainer)
+        warn_on_drift(meta, trainer)
     assert len(record) == 1 and record[0].filename == __file__
     assert str(record[0].message) == (
         "resuming ckpt with settings that differ from the run that saved it (mesh: {'data': "
@@ -106,4 +107,4 @@ def test_without_a_mesh_the_device_count_changes_nothing(finished):
     meta["trainer"].update(mesh=None, num_devices=4)  # one device is used either way
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResumeWarning)
-        _warn_on_drift(meta, trainer)
+        warn_on_drift(meta, trainer)

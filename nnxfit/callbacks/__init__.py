@@ -2,6 +2,7 @@
 
 from nnxfit.callbacks.base import Callback, CallbackList
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
+from nnxfit.callbacks.compile_watch import CompileWatch, RecompileWarning
 from nnxfit.callbacks.csv_logger import CSVLogger
 from nnxfit.callbacks.early_stopping import EarlyStopping
 from nnxfit.callbacks.grad_norm import GradNormMonitor, GradNormWarning
@@ -19,6 +20,7 @@ from nnxfit.callbacks.throughput import DataBottleneckWarning, ThroughputMonitor
 __all__ = [
     "Callback",
     "CallbackList",
+    "CompileWatch",
     "CSVLogger",
     "DataBottleneckWarning",
     "EarlyStopping",
@@ -34,6 +36,7 @@ __all__ = [
     "NonFiniteWarning",
     "Profiler",
     "ProgressBar",
+    "RecompileWarning",
     "ReduceLROnPlateau",
     "TensorBoardLogger",
     "ThroughputMonitor",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from nnxfit.trainer import Trainer
+from nnxfit.errors import ConfigError
+from nnxfit.step import StepFeatures
+
+# The ``trainer`` every hook receives is an ``nnxfit.Trainer``. This module sits below the
+# Trainer (which imports it), so it names the type without importing it.
+Trainer = Any
 
 HOOKS = (
     "on_fit_start",
@@ -150,8 +154,6 @@ def as_callbacks(callbacks: Any, where: str = "Trainer(callbacks=...)") -> list[
 
 
 def _refuse(value: Any, where: str, index: int | None) -> None:
-    from nnxfit.errors import ConfigError
-
     what = "" if index is None else f" item {index}"
     if isinstance(value, type) and issubclass(value, Callback):
         raise ConfigError(
@@ -204,11 +206,15 @@ class CallbackList:
     def needs_module(self, hook: str) -> bool:
         return self._reads[hook]
 
-    def step_features(self) -> frozenset[str]:
-        out: set[str] = set()
+    def step_features(self) -> StepFeatures:
+        """What the train step computes for these callbacks (each one's ``step_features``,
+        checked: an unknown name is an error naming the callback)."""
+        out = StepFeatures()
         for c in self.callbacks:
-            out |= set(c.step_features)
-        return frozenset(out)
+            if c.step_features:
+                mine = StepFeatures.from_names(c.step_features, f"{type(c).__name__}")
+                out = StepFeatures.from_names(out.names | mine.names)
+        return out
 
     def _keys(self) -> list[str]:
         seen: dict[str, int] = {}

@@ -57,16 +57,13 @@ from nnxfit.checkpoint import (
     read_meta,
     save_state,
 )
-from nnxfit.errors import CheckpointError, ConfigError
+from nnxfit.errors import CheckpointError, ConfigError, positive_int
+from nnxfit.interrupt import notice
 from nnxfit.warn import warn
 
 
 def _opt_positive(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"ModelCheckpoint {name} must be an integer >= 1 or None; got {value!r}.")
-    return value
+    return positive_int(f"ModelCheckpoint {name}", value, allow_none=True, hint=" or None")
 
 
 class ModelCheckpoint(Callback):
@@ -234,8 +231,6 @@ class ModelCheckpoint(Callback):
         self._flush_pending(trainer)
         saved = self._save(trainer, {})
         self._wait()
-        from nnxfit.interrupt import notice
-
         step = trainer.global_step
         did = "saved" if saved else "had already saved"  # a save due at this very step
         notice(trainer, f"ModelCheckpoint {did} step {step} to {self._path(step)}.")

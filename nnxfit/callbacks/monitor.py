@@ -22,8 +22,6 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import jax
-
 from nnxfit.errors import ConfigError
 
 MODES = ("min", "max", "auto")
@@ -236,8 +234,7 @@ def val_metric_names(trainer) -> list[str]:
         batch = next(iter(epoch_batches(trainer.val_data, 0)), None)
         names = []
         if batch is not None:
-            state = trainer.train_state()
-            leaves = jax.tree.leaves(state["params"]) + jax.tree.leaves(state["rest"])
+            leaves = trainer.carry.module_leaves()
             names = [f"val_{k}" for k in programs.eval_metric_names(leaves, batch)]
         _VAL_NAMES[programs] = names
     return list(names)

@@ -8,7 +8,7 @@ import os
 import jax
 
 from nnxfit.callbacks.base import Callback
-from nnxfit.errors import ConfigError
+from nnxfit.errors import ConfigError, positive_int
 
 logger = logging.getLogger("nnxfit.profiler")
 
@@ -31,10 +31,8 @@ class Profiler(Callback):
     def __init__(self, start_step: int = 10, num_steps: int = 10, dirname: str = "profile"):
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ConfigError(f"Profiler start_step must be an integer >= 0; got {start_step!r}.")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ConfigError(f"Profiler num_steps must be an integer >= 1; got {num_steps!r}.")
         self.start_step = start_step
-        self.num_steps = num_steps
+        self.num_steps = positive_int("Profiler num_steps", num_steps)
         self.dirname = os.fspath(dirname)
         self.trace_dir: str | None = None  # where the last trace was written
         self._started_at: int | None = None

@@ -42,7 +42,7 @@ from rich.table import Column
 from rich.text import Text
 
 from nnxfit.callbacks.base import Callback
-from nnxfit.compile_watch import CompileWatch
+from nnxfit.callbacks.compile_watch import CompileWatch
 from nnxfit.device_clock import DeviceProgress, steps_per_second
 from nnxfit.errors import ConfigError
 
@@ -90,12 +90,7 @@ def format_metrics(logs: Mapping[str, float], names: Iterable[str] | None = None
 
 def epochs_total(trainer) -> int | None:
     """How many epochs the fit will run (``max_steps`` may end it before ``max_epochs``)."""
-    n = trainer.max_epochs
-    spe = trainer.steps_per_epoch
-    if trainer.max_steps is not None and spe:
-        by_steps = -(-trainer.max_steps // spe)
-        n = by_steps if n is None else min(n, by_steps)
-    return n
+    return trainer.epochs_total
 
 
 class _FieldColumn(ProgressColumn):

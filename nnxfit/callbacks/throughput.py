@@ -25,7 +25,7 @@ from collections import deque
 
 from nnxfit.callbacks.base import Callback
 from nnxfit.device_clock import DeviceProgress
-from nnxfit.errors import ConfigError
+from nnxfit.errors import ConfigError, positive_int
 from nnxfit.warn import warn
 
 MIN_STEPS = 8  # steps in the window before the bottleneck check may fire
@@ -58,8 +58,7 @@ class ThroughputMonitor(Callback):
     epoch_end_barrier = False  # records only: the device keeps running ahead of it
 
     def __init__(self, window: int = 100, warn_data_frac: float | None = 0.5):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ConfigError(f"ThroughputMonitor window must be an integer >= 1; got {window!r}.")
+        window = positive_int("ThroughputMonitor window", window)
         if warn_data_frac is not None and not (
             isinstance(warn_data_frac, int | float) and 0 < warn_data_frac <= 1
         ):

@@ -84,7 +84,7 @@ def data_parallel() -> dict:
     val = ArrayLoader((x[:66], y[:66]), 30)  # batches of 30, 30, 6
     make = lambda: Classifier(dropout=0.2, batchnorm=True, opt="sgd", lr=0.1)  # noqa: E731
     (m1, t1, h1, _), (m4, t4, h4, compiles) = fit_pair(make, train, val, max_epochs=3)
-    leaves = t4._leaves
+    leaves = t4.carry.leaves
     batch = t4.placement.put_batch([x[:16]])[0]
     standalone = Classifier(dropout=0.2, batchnorm=True, seed=3)
     before = len(COMPILES)
