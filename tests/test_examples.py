@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# One xdist worker runs this whole file (``make test`` passes ``--dist loadgroup``): the
+# fixture is per worker, so split over two it would start every example twice.
+pytestmark = pytest.mark.xdist_group("examples")
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = [
     "digits_cnn",
