@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import core
+from jax.extend import core, source_info_util
 
 CONV = lax.conv_general_dilated_p
 
@@ -104,7 +104,10 @@ def _evaluate(jaxpr: core.Jaxpr, consts: list, args: list) -> list:
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        with eqn.ctx.manager:
+        # As jax.core.eval_jaxpr: the user's source lines and name scopes reach the program.
+        names = source_info_util.current_name_stack() + eqn.source_info.name_stack
+        where = source_info_util.user_context(eqn.source_info.traceback, name_stack=names)
+        with where, eqn.ctx.manager:
             if eqn.primitive is CONV and not is_canonical(eqn.params):
                 outs = [canonical_conv(*invals, **eqn.params)]
             else:
