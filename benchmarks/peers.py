@@ -74,6 +74,12 @@ def machine() -> str:
     )
 
 
+def progress(text: str, t0: float) -> None:
+    """A line on stderr per step of the run, with the time since ``t0`` and the load."""
+    load = os.getloadavg()[0]
+    print(f"   [{time.perf_counter() - t0:6.0f} s, load {load:4.1f}] {text}", file=sys.stderr)
+
+
 def calibrated(run, seconds: float, multiple: int = 32) -> int:
     """Steps for ``run`` to take about ``seconds``: compiles, then times a short run."""
     run(multiple)
@@ -119,18 +125,17 @@ def keras(key: str, w, spe: int, seconds: float) -> Contender:
     return Contender(key, measure)
 
 
-def tunix(w, seconds: float) -> Contender:
-    state = {}
+def tunix(w, steps: int) -> Contender:
+    """The difference method over the same N steps as nnxfit's: Tunix's progress bar stacks
+    every logged loss at each step (``MetricsLogger.get_metric``), so its cost per step grows
+    with the step count and a rate holds only for the N it was measured over."""
 
-    def prepare():  # compiles once (jax caches), and sizes N from a short difference
+    def prepare():  # compiles (jax caches the program for the later fits)
         W.tunix_seconds(w, WARM)
-        dt = W.tunix_seconds(w, 2 * WARM) - W.tunix_seconds(w, WARM)
-        state["n"] = max(WARM, int(WARM / max(dt, 1e-3) * seconds) // 32 * 32)
 
     def measure():
-        n = state["n"]
-        dt = W.tunix_seconds(w, WARM + n) - W.tunix_seconds(w, WARM)
-        return n / dt if dt > 0 else float("nan")
+        dt = W.tunix_seconds(w, WARM + steps) - W.tunix_seconds(w, WARM)
+        return steps / dt if dt > 0 else float("nan")
 
     return Contender("T", measure, prepare)
 
@@ -164,7 +169,7 @@ def contenders(w, args, notes: list[str]) -> list[Contender]:
         notes.append(f"D Keras skipped: {why}")
     why = W.tunix_available()
     if why is None:
-        out.append(tunix(w, args.seconds))
+        out.append(tunix(w, steps))
     else:
         notes.append(f"T Tunix skipped: {why}")
     out += [
@@ -196,14 +201,17 @@ def bench_workload(w, args) -> dict:
     )
     for n in notes:
         print(f"   {n}", flush=True)
+    t0 = time.perf_counter()
     for c in cs:
         c.prepare()
+        progress(f"{w.name} {c.key} ready", t0)
     best = {c.key: 0.0 for c in cs}
     for r in range(args.repeats):
         order = cs[r % len(cs) :] + cs[: r % len(cs)]
         for c in order:
             v = c.measure()
             best[c.key] = max(best[c.key], v) if v == v else best[c.key]
+            progress(f"{w.name} round {r + 1}: {c.key} {v:.1f} steps/s", t0)
     for k, v in best.items():
         print(f"   {LABELS[k]:66s} {v:10.1f} steps/s {v / best['A']:7.3f}x", flush=True)
     return {"workload": w.name, "title": w.title, "steps": steps, "rates": best, "notes": notes}
