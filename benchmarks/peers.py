@@ -12,7 +12,8 @@ Contenders, as a ratio to A in the same run:
   D  Keras 3 ``fit`` on the JAX backend, its own equivalent model, ``steps_per_execution`` 1, 32
   T  Tunix ``PeftTrainer`` with its defaults
   E  ``nnxfit.Trainer.fit`` with the default callbacks (progress line, CSV log), spe 1 and 32,
-     timed two ways: the window inside one fit, and the difference of two fits
+     timed two ways: the window inside one fit, and the difference of two fits (2 epochs + N
+     steps minus 2 epochs, whole epochs so that both compile the same programs)
   F  E plus NaNGuard, GradNormMonitor, ModelCheckpoint(every_n_steps) and EMA (when it exists)
 
 Hand-written loops run for about ``--seconds`` each timing; nnxfit for the workload's N steps.
@@ -145,11 +146,14 @@ def nnxfit_window(key: str, w, steps: int, spe: int, callbacks=list) -> Contende
 
 
 def nnxfit_diff(key: str, w, steps: int, spe: int) -> Contender:
-    n = max(spe, steps // spe * spe)
+    """Both fits run whole epochs (two, then two plus about N steps' worth), so that they
+    compile the same programs: a short last call would compile a program of its own."""
+    warm = 2 * w.nb
+    n = -(-steps // w.nb) * w.nb
 
     def measure():
-        short = W.nnxfit_fit_seconds(w, WARM, spe)
-        long = W.nnxfit_fit_seconds(w, WARM + n, spe)
+        short = W.nnxfit_fit_seconds(w, warm, spe)
+        long = W.nnxfit_fit_seconds(w, warm + n, spe)
         return n / (long - short) if long > short else float("nan")
 
     return Contender(key, measure)
