@@ -1,6 +1,6 @@
 """Steps/s by contender and workload, from ``peers.py --json``: one panel per workload.
 
-    python benchmarks/plot.py peers.json peers.png
+python benchmarks/plot.py peers.json peers.png
 """
 
 from __future__ import annotations
