@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit.errors import StepOutputError
+from nnxfit import loop_convs
+from nnxfit.errors import ConfigError, StepOutputError
 from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
 from nnxfit.hyperparams import learning_rate_of
 
@@ -56,6 +57,21 @@ class StepConfig:
     # step (``Trainer._rollback``, ``Programs.gated``). Only for small states
     # (``trainer.SPECULATE_MAX_BYTES``).
     speculate: bool = False
+    # ``unroll`` of the K-step ``lax.scan`` (``Trainer(scan_unroll=...)``): n steps per loop
+    # iteration, or True for no loop at all.
+    scan_unroll: int | bool = 1
+
+
+def check_scan_unroll(value: Any) -> int | bool:
+    """``Trainer(scan_unroll=...)``: an integer >= 1, or True."""
+    if value is True:
+        return True
+    if isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ConfigError(
+        f"scan_unroll must be an integer >= 1 (steps per loop iteration of the "
+        f"steps_per_execution scan) or True (no loop); got {value!r}."
+    )
 
 
 RETURN_FORMS = (
@@ -187,8 +203,10 @@ class Programs:
     def _train_jits(self, gate: str | None) -> tuple:
         """The (single, multi) train programs, jitted and donated, with ``gate``."""
         kw = {"donate_argnums": 0, **self._jit_kw}
+        wrap = loop_convs.canonical_convs if loop_convs.wanted() else (lambda f: f)
         return tuple(
-            jax.jit(functools.partial(f, gate=gate), **kw) for f in (self._single, self._multi)
+            jax.jit(wrap(functools.partial(f, gate=gate)), **kw)
+            for f in (self._single, self._multi)
         )
 
     def gated(self) -> tuple:
@@ -334,7 +352,12 @@ class Programs:
         if self.on_trace is not None:
             self.on_trace("multi", batches)
         c = jax.tree.unflatten(self.treedef, leaves)
-        c, _ = jax.lax.scan(lambda c, b: (self.one_step(c, b, gate), None), c, batches)
+        c, _ = jax.lax.scan(
+            lambda c, b: (self.one_step(c, b, gate), None),
+            c,
+            batches,
+            unroll=self.config.scan_unroll,
+        )
         return jax.tree.leaves(c)
 
     def metric_names(self, carry_shapes: Carry, batch_shapes) -> list[str]:

@@ -53,7 +53,7 @@ from nnxfit.placement import Placement
 from nnxfit.resume_point import ResumeInfo, Trail, capture, step_of
 from nnxfit.runs import begin_run
 from nnxfit.sanity import check_validation
-from nnxfit.step import GATES, Carry, Programs, StepConfig, stack
+from nnxfit.step import GATES, Carry, Programs, StepConfig, check_scan_unroll, stack
 from nnxfit.workdir import lock_workdir
 
 PRECISIONS = ("float32", "bfloat16")
@@ -136,6 +136,7 @@ class Trainer:
         val_every_n_steps: int | None = None,
         fast_dev_run: bool | int = False,
         num_sanity_val_steps: int = 2,
+        scan_unroll: int | bool = 1,
     ):
         if max_epochs is None and max_steps is None and not fast_dev_run:
             raise ConfigError(
@@ -176,6 +177,7 @@ class Trainer:
         self.mesh = mesh
         self.progress_bar = progress_bar
         self.prefetch = prefetch
+        self.scan_unroll = check_scan_unroll(scan_unroll)
         self.console = console
         self.workdir = os.fspath(workdir) if workdir is not None else None
         if (
@@ -1013,7 +1015,9 @@ class Trainer:
             and not self.placement.is_sharded
             and self.val_every_n_steps is None  # its validations are not barriers
         )
-        config = StepConfig(A, self.grad_clip_norm, self.precision, features, lr_fn, speculate)
+        config = StepConfig(
+            A, self.grad_clip_norm, self.precision, features, lr_fn, speculate, self.scan_unroll
+        )
         # The device counts steps only for features that need the count in the step.
         needs_step = "finite" in features or ("lr" in features and lr_fn is not None)
         head = (params, rest, opt, jnp.zeros((), jnp.int32) if needs_step else None)
