@@ -19,15 +19,21 @@ module's, run inside the test's fit (so ``self.trainer.estimated_stepping_batche
 step, by ``lr_i / own_i``, where ``own_i`` is the rate the optimizer itself just used, read by
 ``nnxfit.hyperparams.learning_rate_of`` as ``LearningRateMonitor`` reads it (an
 ``optax.inject_hyperparams`` state, a ``{"optimizer": tx, "lr_schedule": schedule}``, or the
-structure of optax's own optimizers, constant or scheduled). Every optax optimizer ends in
-``scale_by_learning_rate``, so its update is linear in the rate and the product is exactly
-the update at ``lr_i``; its state (moments, counts) never depends on the rate. A step whose
-own rate is 0 (a warmup from 0 has it at step 0) has no direction to scale and makes no
-update; the result counts it (``unapplied_steps``) and, past the first step (whose rate,
-``min_lr``, moves nothing anyway), a warning says so. An optimizer whose
-rate none of the three shows (a hand-written ``GradientTransformation``) gets a
-``ConfigError`` naming the fix. One compile; the rates are device arithmetic on the
-optimizer's own step count.
+structure of optax's own optimizers, constant or scheduled). optax's optimizers (``sgd``,
+``adam``, ``adamw``, ``lion``, ...) end in ``scale_by_learning_rate`` and keep no trace of
+the rate in their state (moments, counts), so their update is linear in the rate and the
+product is the update at ``lr_i`` (to float32 rounding of the ratio). One that also uses its
+rate inside its state (``optax.contrib``'s schedule-free optimizers, read through
+``inject_hyperparams``) is rescaled at its output only: an approximation. A step whose own
+rate is 0 (a warmup from 0 has it at step 0) has no direction to scale and makes no update;
+the result counts it (``unapplied_steps``) and, past the first step (whose rate, ``min_lr``,
+is meant to move almost nothing), a warning says so. An optimizer whose rate none of the
+three shows (a hand-written ``GradientTransformation``) gets a ``ConfigError`` naming the
+fix. One compile; the rates are device arithmetic on the wrapper's own step count.
+
+The ladder is evenly spaced from its first rung (Lightning's skips ``i = 1``,
+Lightning-AI/pytorch-lightning#21931); ``lrs[i]`` pairs with the loss step ``i`` computed
+before its update, as Lightning pairs them.
 
 The copy: ``nnx.clone`` of the module (new Variables; the arrays, immutable, shared until the
 Trainer's own copies, which it donates). The copy's class is a subclass of the module's that
@@ -36,7 +42,12 @@ swaps in the wrapped optimizer and drops ``configure_callbacks`` (an ``EarlyStop
 callback alone). The fit has no workdir, so nothing is written but the PNG, when asked.
 
 The losses reach the host at every step (``log_every_n_steps=1``): the divergence stop needs
-each one, and a hundred small fetches cost far less than the steps.
+each one, and a hundred small fetches cost little next to the steps.
+
+Two stop-gaps stand in for Trainer hooks that do not exist yet: the subclass swap, for a
+``fit`` option that wraps the optimizer ``configure_optimizers`` returns and leaves out the
+module's ``configure_callbacks``; and ``hyperparams.fit_optimizer`` in ``on_fit_end``, for a
+public read of the fit's final optimizer state (``unapplied_steps`` is counted there).
 """
 
 from __future__ import annotations
