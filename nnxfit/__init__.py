@@ -24,6 +24,7 @@ from nnxfit.errors import (
     WorkdirLockedError,
 )
 from nnxfit.history import History
+from nnxfit.lr_finder import LRFindResult, LRFindWarning, lr_find
 from nnxfit.modes import FrozenStatsCheck, TrainModeWarning, eval_mode
 from nnxfit.module import TrainModule
 from nnxfit.trainer import Trainer
@@ -42,6 +43,8 @@ __all__ = [
     "EmptyDataError",
     "FrozenStatsCheck",
     "History",
+    "LRFindResult",
+    "LRFindWarning",
     "NnxfitError",
     "NonFiniteError",
     "RecompileWarning",
@@ -57,6 +60,7 @@ __all__ = [
     "eval_mode",
     "export_weights",
     "load_checkpoint",
+    "lr_find",
     "metrics",
     "read_meta",
 ]
