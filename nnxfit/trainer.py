@@ -125,6 +125,7 @@ class Trainer:
         val_every_n_steps: int | None = None,
         fast_dev_run: bool | int = False,
         num_sanity_val_steps: int = 2,
+        scan_unroll: int | bool = 1,
     ):
         options = {k: v for k, v in locals().items() if k not in ("self", "callbacks")}
         self._plan: Plan | None = None  # the current (last) fit's batches as calls

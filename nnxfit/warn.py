@@ -33,9 +33,8 @@ def _library_dirs() -> tuple[str, ...]:
 
 
 def _internal(filename: str, dirs: tuple[str, ...]) -> bool:
-    if filename.startswith(
-        "<"
-    ):  # <frozen importlib...> is Python's; <stdin>, <ipython-...> the user's
+    if filename.startswith("<"):
+        # <frozen importlib...> is Python's own; <stdin>, <ipython-input-...> are the user's.
         return filename.startswith("<frozen")
     path = os.path.abspath(filename)
     return path.startswith(dirs) or path in _STDLIB_FILES
