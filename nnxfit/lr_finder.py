@@ -317,10 +317,9 @@ class RangeRecorder(Callback):
     loss is not finite or exceeds ``threshold`` times the lowest before it.
 
     It needs every step's loss on the host when its hook runs (``log_every_n_steps=1``), and
-    the default barrier (``epoch_end_barrier``): the fit stops right after the step that
-    diverged, with no further step dispatched at a yet larger rate."""
+    the device in step with it (it is not ``records_only``): the fit stops right after the
+    step that diverged, with no further step dispatched at a yet larger rate."""
 
-    reads_module = False
 
     def __init__(self, beta: float, threshold: float | None):
         self.beta, self.threshold = beta, threshold

@@ -567,6 +567,7 @@ class Trainer:
         """Runs the hooks of one event, the state as the device left it there; says whether
         the fit is to stop."""
         seen, kind = self._seen, ev.kind
+        in_step = ev.barrier or not self.lookahead  # the module may be written back
         if ev.snap is not None:  # the read below waits for the device: time when it is done
             self._device_clock.read(seen.step + ev.n_steps, ev.snap)
         calls = self._trail.calls  # where calls ended, under NaNGuard("stop") only
@@ -576,21 +577,21 @@ class Trainer:
             if calls is not None:
                 calls.append((seen.step, seen.batch))
             logs = self._interval_logs(ev.snap) if ev.snap is not None else {}
-            self._hook("on_train_batch_end", seen.step, logs)
+            self._hook("on_train_batch_end", seen.step, logs, in_step=in_step)
             if self._schedule.validates_after_call(seen, ev.n_steps, self.should_stop):
                 self.logged_metrics.update(self._validate(self.val_data))
         elif kind is START:
             if calls is not None:
                 calls.clear()
                 calls.append((seen.step, seen.batch))
-            self._hook("on_train_epoch_start", ev.epoch)
+            self._hook("on_train_epoch_start", ev.epoch, in_step=in_step)
         elif kind is END:
-            self._end_epoch(ev)
+            self._end_epoch(ev, in_step)
         else:
             self._interrupt()
         return self.should_stop
 
-    def _end_epoch(self, ev: Event) -> None:
+    def _end_epoch(self, ev: Event, in_step: bool) -> None:
         seen, logs = self._seen, self._epoch_logs(ev.snap)
         # A fit that ended inside the epoch: from here on its checkpoints (those of this
         # epoch end's hooks too) hold the state from before this epoch end, so that a resume
@@ -600,7 +601,7 @@ class Trainer:
         )
         if self._schedule.validates_at_epoch_end(ev.epoch, seen, self.should_stop):
             logs.update(self._validate(self.val_data))
-        self._hook("on_train_epoch_end", ev.epoch, logs)
+        self._hook("on_train_epoch_end", ev.epoch, logs, in_step=in_step)
         self.history.append(ev.epoch, logs)
         self._trail.epoch_ended(seen.step, logs)
         seen.epoch, seen.batch = seen.epoch + 1, 0
@@ -626,8 +627,8 @@ class Trainer:
         seen = self._seen
         self._sent.step, self._sent.epoch = seen.step, seen.epoch
         self._carry.set_step(seen.step)  # the device's step count follows the hooks'
-        if end_due:  # frozen: adds nothing
-            self._deliver(new_event((END, seen.epoch, 0, 0, None, False, None, partial)))
+        if end_due:  # frozen: adds nothing; in step, nothing is pending
+            self._deliver(new_event((END, seen.epoch, 0, 0, None, True, None, partial)))
         if interrupted:
             self._interrupt()
 
@@ -739,13 +740,17 @@ class Trainer:
         ]
 
     # ========================================================================= hooks ===
-    def _hook(self, name: str, *args, guard: bool = False, defer: bool = False) -> None:
+    def _hook(
+        self, name: str, *args, guard: bool = False, defer: bool = False, in_step: bool = True
+    ) -> None:
         """``guard``: a failing callback only warns (an error is already on its way out).
-        ``defer``: every callback runs, then the first failure is raised (cleanup hooks)."""
+        ``defer``: every callback runs, then the first failure is raised (cleanup hooks).
+        ``in_step``: the device is in step with the hook, so the module is written back for
+        callbacks that may read it (not between the events ``needs_sync`` let run ahead)."""
         cbs = self.cb.for_hook(name)
         if not cbs:
             return
-        needs_module = self.fitting and self.cb.needs_module(name)
+        needs_module = in_step and self.fitting and self.cb.needs_module(name)
         if needs_module:
             self._sync_to_module()
         first = None

@@ -165,7 +165,6 @@ def test_a_signal_in_a_long_validation_waits_only_for_the_few_batches_queued():
 
 class SignalAtEpochEnd(nnxfit.Callback):
     order = 10  # before ModelCheckpoint takes note of the epoch end
-    reads_module = False
 
     def __init__(self, epoch):
         self.epoch = epoch

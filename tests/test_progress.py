@@ -49,8 +49,7 @@ class Snapshots(nnxfit.Callback):
     """Renders the live bar after each call, with the device's progress the hooks saw."""
 
     order = 95  # after the bar has taken the call's step and logs
-    reads_module = False
-    epoch_end_barrier = False
+    records_only = True
 
     def __init__(self, bar):
         self.bar = bar
@@ -160,7 +159,6 @@ def test_non_terminal_interval_lines():
 
 
 class FailAt(nnxfit.Callback):
-    reads_module = False
 
     def __init__(self, step):
         self.step = step
@@ -243,8 +241,7 @@ class Frames(nnxfit.Callback):
     blocked and only rich's refresh thread redraws)."""
 
     order = 95
-    reads_module = False
-    epoch_end_barrier = False
+    records_only = True
 
     def __init__(self, bar):
         self.bar, self.frames = bar, []

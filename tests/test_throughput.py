@@ -36,8 +36,7 @@ class SlowData:
 
 class BatchLogs(nnxfit.Callback):
     order = 50  # after the monitor
-    reads_module = False
-    epoch_end_barrier = False
+    records_only = True
 
     def __init__(self):
         self.logs = []

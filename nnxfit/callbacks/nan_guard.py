@@ -45,12 +45,11 @@ class NaNGuard(Callback):
     """
 
     order = -100  # before checkpoints: the fit is stopped before anything saves
-    reads_module = False
     # No bad update reaches a state anyone sees, so this guard may learn of a non-finite step
     # a few steps late (the Trainer's lookahead): the step gates its update, or, for states
-    # up to ``trainer.SPECULATE_MAX_BYTES``, runs ungated and the Trainer re-runs from a copy
-    # it keeps, with that step undone, before any hook sees the state (``Trainer._rollback``).
-    epoch_end_barrier = False
+    # up to ``speculation.SPECULATE_MAX_BYTES``, runs ungated and the loop re-runs from a copy
+    # it keeps, with that step undone, before any hook sees the state (``speculation.py``).
+    records_only = True
 
     def __init__(self, action: str = "stop"):
         if action not in ACTIONS:

@@ -132,8 +132,7 @@ class ProgressBar(Callback):
     """
 
     order = 90  # late: show what other callbacks added to the logs
-    reads_module = False
-    epoch_end_barrier = False  # records only
+    records_only = True
 
     def __init__(
         self,

@@ -55,8 +55,7 @@ class ThroughputMonitor(Callback):
     """
 
     order = -200  # early: its keys are in the logs before loggers and the progress bar read them
-    reads_module = False
-    epoch_end_barrier = False  # records only: the device keeps running ahead of it
+    records_only = True  # the device keeps running ahead of it
 
     def __init__(self, window: int = 100, warn_data_frac: float | None = 0.5):
         window = positive_int("ThroughputMonitor window", window)
