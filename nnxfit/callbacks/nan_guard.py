@@ -13,7 +13,7 @@ log interval or epoch end, with no per-step sync, and can still name the exact s
 For a state up to 1 MiB the step does not gate its update, which would make it wait for the
 whole gradient's check (+33-45 % on a small MLP on 2 CPU cores); the Trainer keeps a copy of
 the state and re-runs from it with the bad step undone, before any callback can see the state
-(``Trainer._rollback``). Either way the outcome above holds.
+(``speculation.py``). Either way the outcome above holds.
 
 The guard runs before checkpoint callbacks (``order``): with "stop", the checkpoint written
 when the fit ends holds the last good state.
