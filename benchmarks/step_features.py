@@ -43,7 +43,6 @@ SETS = {
 
 
 class _Features(nnxfit.Callback):
-
     def __init__(self, features):
         self.step_features = frozenset(features)
 

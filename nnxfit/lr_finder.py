@@ -320,7 +320,6 @@ class RangeRecorder(Callback):
     the device in step with it (it is not ``records_only``): the fit stops right after the
     step that diverged, with no further step dispatched at a yet larger rate."""
 
-
     def __init__(self, beta: float, threshold: float | None):
         self.beta, self.threshold = beta, threshold
         self.step_losses: list[float] = []

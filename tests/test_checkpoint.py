@@ -74,7 +74,6 @@ class EpochSnapshots(nnxfit.Callback):
 
 
 class CrashAt(nnxfit.Callback):
-
     def __init__(self, step):
         self.step = step
 

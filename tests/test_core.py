@@ -114,7 +114,6 @@ class Slow(nnxfit.TrainModule):
 
 
 class ReadyProbe(nnxfit.Callback):
-
     def __init__(self, sync=False):
         self.sync, self.ready = sync, []
 
@@ -261,7 +260,6 @@ def test_should_stop_and_max_steps():
     x, y = toy_data(64)
 
     class Stop(nnxfit.Callback):
-
         def on_train_batch_end(self, trainer, module, step, logs):
             if step == 5:
                 trainer.should_stop = True
@@ -358,7 +356,6 @@ def test_device_runs_ahead_of_recording_hooks_and_waits_for_the_others(tmp_path)
             self.lags.append(trainer.dispatch_step - trainer.global_step)
 
     class EveryThird(nnxfit.Callback):  # needs the device in step at steps 3, 6, ... only
-
         def needs_sync(self, trainer, event, step, n_steps):
             return event == "batch" and step % 3 == 0
 

@@ -33,7 +33,6 @@ def read(path):
 
 
 class LogRecorder(nnxfit.Callback):
-
     def __init__(self):
         self.train = []
 
@@ -73,7 +72,6 @@ def test_rows_match_history_and_train_logs(tmp_path):
 class LateMetric(nnxfit.Callback):
     """Adds a metric to the epoch logs from epoch 1 on (and a NaN one at epoch 2)."""
 
-
     def on_train_epoch_end(self, trainer, module, epoch, logs):
         if epoch >= 1:
             logs["late"] = 10.0 + epoch
@@ -108,7 +106,6 @@ def test_new_columns_rewrite_the_header_and_pad_earlier_rows(tmp_path):
 class FlushProbe(nnxfit.Callback):
     """Reads the CSV from disk while the fit runs, at the start of each epoch."""
 
-
     def __init__(self, path):
         self.path = path
         self.seen = []
@@ -119,7 +116,6 @@ class FlushProbe(nnxfit.Callback):
 
 
 class Crash(nnxfit.Callback):
-
     def __init__(self, at_step):
         self.at_step = at_step
 

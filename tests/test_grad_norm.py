@@ -46,7 +46,6 @@ def data(scales, steps_each=4):
 
 
 class Logs(nnxfit.Callback):
-
     def __init__(self):
         self.at = {}
 

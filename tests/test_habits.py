@@ -49,7 +49,6 @@ def trainer(**kw):
 
 
 class Recorder(nnxfit.Callback):
-
     def __init__(self):
         self.steps = []
 
@@ -238,7 +237,6 @@ def test_anything_else_is_refused_when_the_trainer_is_made(value, match):
 
 # ------------------------------------------------------ monitors of callback metrics ---
 class LossEMA(nnxfit.Callback):
-
     def __init__(self, declare=True):
         self.declare, self.ema, self.seen = declare, None, []
 

@@ -31,7 +31,6 @@ class WithOptimizer(Classifier):
 
 
 class Logs(nnxfit.Callback):
-
     def __init__(self):
         self.lr = {}
 

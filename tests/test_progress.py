@@ -159,7 +159,6 @@ def test_non_terminal_interval_lines():
 
 
 class FailAt(nnxfit.Callback):
-
     def __init__(self, step):
         self.step = step
 

@@ -119,7 +119,6 @@ def test_train_longer_after_max_epochs_and_after_max_steps_at_an_epoch_end(tmp_p
 class StopAt(nnxfit.Callback):
     """Sets ``should_stop`` at one step: a user's decision inside an epoch."""
 
-
     def __init__(self, step):
         self.step = step
 

@@ -28,7 +28,6 @@ def scalars(log_dir):
 
 
 class LogRecorder(nnxfit.Callback):
-
     def __init__(self):
         self.train = []
 

@@ -41,7 +41,6 @@ class Injected(Classifier):
 
 
 class Record(nnxfit.Callback):
-
     def __init__(self):
         self.per_epoch = []
 

@@ -82,7 +82,6 @@ def state_arrays(trainer) -> list[np.ndarray]:
 
 
 class Marker(nnxfit.Callback):
-
     def __init__(self, path, slow=SLOW):
         self.path, self.slow = path, slow
 
