@@ -16,6 +16,7 @@ from nnxfit.compile_watch import TRACE_EVENT
 from nnxfit.data import ArrayLoader
 from nnxfit.device_clock import DeviceProgress
 from nnxfit.errors import ConfigError
+from nnxfit.loop import epochs_total
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -203,6 +204,10 @@ class FakeTrainer:
         self.console = console
         self.steps_per_epoch = steps_per_epoch
         self.device_progress = DeviceProgress(0, 0.0)
+
+    @property
+    def epochs_total(self):  # as the Trainer's (``FitView.epochs_total``)
+        return epochs_total(self.max_epochs, self.max_steps, self.steps_per_epoch)
 
 
 def test_bar_counts_and_times_what_the_device_finished(monkeypatch):
