@@ -114,7 +114,7 @@ def test_records_only_so_the_device_keeps_running_ahead():
 class FakeTrainer:
     is_global_zero, prefetch, grad_accum_steps, global_step = True, 0, 1, 0
 
-    class _spec:
+    class batch_spec:  # as the Trainer's (``FitView.batch_spec``)
         batch_size = 8
 
     def __init__(self):
