@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit.callbacks.base import Callback, CallbackList
+from nnxfit.callbacks.base import Callback, CallbackList, merge_callbacks
 from nnxfit.data import (
     ArrayLoader,
     BatchSpec,
@@ -222,9 +222,8 @@ class Trainer:
         if self.overfit_batches:  # the same first N batches every epoch, validated on too
             train_data = take_batches(train_data, self.overfit_batches)
             val_data = train_data if has_validation_step(module) else None
-        self.cb = CallbackList(
-            self._default_callbacks() + self.callbacks + list(module.configure_callbacks() or [])
-        )
+        own = module.configure_callbacks()
+        self.cb = CallbackList(merge_callbacks(self._default_callbacks() + self.callbacks, own))
         self._setup_fit(module, train_data, val_data, first)
         if resume:
             self._resume(resume)
