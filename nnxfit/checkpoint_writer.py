@@ -150,9 +150,10 @@ class Writer:
         self._flight = None
 
     def _failed(self, step: int, error: BaseException):
-        self.manager.reload()
         from nnxfit.checkpoint import TMP_MARKER, list_steps
 
+        self._drain()
+        self.manager.reload()
         # Never a checkpoint, and most likely what filled the disk.
         shutil.rmtree(os.path.join(self.directory, f"{step}{TMP_MARKER}"), ignore_errors=True)
         kept = list_steps(self.directory)
@@ -162,6 +163,18 @@ class Writer:
             f"{kept if kept else '(none yet)'} are kept; resume from the newest with "
             "fit(..., resume=True) once the cause is fixed."
         ) from error
+
+    def _drain(self) -> None:
+        """Orbax stops waiting at the first of a save's writes that fails; the others run on
+        in their threads (and would log, write into the tmp folder, outlive the fit). Waits
+        for them; their own failures are the same one's."""
+        checkpointer = getattr(self.manager, "_checkpointer", None)
+        futures = getattr(getattr(checkpointer, "_async_manager", None), "_commit_futures", None)
+        for f in futures or ():
+            try:
+                f.result(timeout=GATE_TIMEOUT_S)
+            except Exception:  # noqa: S110 - the save's failure is reported once, by the caller
+                pass
 
     def close(self) -> None:
         """Waits for the save in flight (raising its failure) and closes the manager."""
