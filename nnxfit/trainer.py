@@ -31,7 +31,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit.callbacks.base import Callback, CallbackList, merge_callbacks
+from nnxfit.callbacks.base import Callback, CallbackList
+from nnxfit.callbacks.merge import merge_callbacks
 from nnxfit.data import (
     ArrayLoader,
     BatchSpec,

@@ -30,8 +30,6 @@ taken at a step commits only after that step's hooks ran (``nnxfit.checkpoint_wr
 whatever kills the process after a checkpoint is on disk, the file holds every row up to it,
 and a run resumed from it ends with the same rows as an uninterrupted one. Between
 checkpoints a crash loses at most the current epoch's train rows; only process 0 writes.
-
-Two CSVLoggers writing one file would interleave their rows: a ``ConfigError`` at fit start.
 """
 
 from __future__ import annotations
@@ -79,7 +77,6 @@ class CSVLogger(Callback):
         self._close()
         self.path = None
         self._flush_next = False
-        _check_one_logger_per_file(trainer)
         if not trainer.is_global_zero:
             return
         path = os.path.join(trainer.workdir or "", self.filename)
@@ -178,19 +175,6 @@ class CSVLogger(Callback):
 
     def __repr__(self) -> str:
         return f"CSVLogger(filename={self.filename!r}, append={self.append})"
-
-
-def _check_one_logger_per_file(trainer) -> None:
-    seen: dict[str, CSVLogger] = {}
-    for cb in trainer.cb:
-        if isinstance(cb, CSVLogger):
-            path = os.path.abspath(os.path.join(trainer.workdir or "", cb.filename))
-            other = seen.setdefault(path, cb)
-            if other is not cb:
-                raise ConfigError(
-                    f"two CSVLoggers write to {path}: {other!r} and {cb!r}. Keep "
-                    "one, or give each its own filename."
-                )
 
 
 def _cell(value: Any) -> str:
