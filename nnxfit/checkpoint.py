@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnxfit import integrity
+from nnxfit import integrity, orbax_leaks
 from nnxfit.errors import CheckpointError, ConfigError
 from nnxfit.integrity import CheckpointCorruptError
 
@@ -99,38 +99,8 @@ logging.getLogger("absl").addFilter(_quiet)
 def _ocp():
     import orbax.checkpoint as ocp  # slow import: only when checkpoints are used
 
-    _stop_metric_leak()
+    orbax_leaks.install()  # two TensorStore calls orbax makes per save leak host memory
     return ocp
-
-
-_leak_stopped = False
-
-
-def _stop_metric_leak() -> None:
-    """Turns off orbax's raw-bytes I/O telemetry, which leaks host memory.
-
-    For every array item it saves or restores, orbax reads TensorStore's byte counters twice
-    with ``tensorstore.experimental_collect_matching_metrics``, and that call (TensorStore
-    0.1.86) leaks the lists it returns: ~20 KB per call, ~35 KB per checkpoint of a small
-    model, growing without bound (benchmarks/checkpoint_memory.py). The counters only feed
-    orbax's ``jax.monitoring`` throughput events, which nnxfit does not use; with no initial
-    count orbax skips them (``jax_array_handlers._record_raw_metrics``). Applied once, to the
-    whole process, when nnxfit first uses orbax.
-    """
-    global _leak_stopped
-    if _leak_stopped:
-        return
-    _leak_stopped = True
-    try:
-        from orbax.checkpoint._src.serialization import tensorstore_utils
-    except ImportError:  # pragma: no cover - orbax-checkpoint is pinned
-        return
-    if hasattr(tensorstore_utils, "get_tensorstore_raw_bytes"):
-        tensorstore_utils.get_tensorstore_raw_bytes = _no_raw_bytes
-
-
-def _no_raw_bytes(direction: Any = None) -> None:
-    return None
 
 
 def _handlers(compress: bool = False) -> dict:

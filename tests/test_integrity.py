@@ -311,20 +311,44 @@ def test_a_full_disk_is_named_and_the_previous_checkpoint_stays(tmp_path):
 
 
 # ------------------------------------------------------------------------------- memory ---
-def test_saves_and_restores_never_call_tensorstores_leaking_metric_collector(tmp_path, monkeypatch):
-    """``tensorstore.experimental_collect_matching_metrics`` leaks ~20 KB per call (TensorStore
-    0.1.86); orbax called it twice per array item per save for telemetry, so memory grew
-    ~35-70 KB per checkpoint without end (benchmarks/checkpoint_memory.py)."""
+def test_saves_and_restores_never_call_tensorstores_leaking_bindings(tmp_path, monkeypatch):
+    """Two TensorStore bindings leak what they return (TensorStore 0.1.86): ``KvStore.Spec(
+    ...).to_json()`` ~700 B a call, 28 calls per save of a small model, and
+    ``experimental_collect_matching_metrics`` ~1.6 KB a call, twice per array item; orbax made
+    both for every save and restore, so memory grew with every checkpoint
+    (``nnxfit.orbax_leaks``, benchmarks/checkpoint_memory.py)."""
     import tensorstore
 
     calls = []
-    real = tensorstore.experimental_collect_matching_metrics
+    real_metrics, real_kvstore = (
+        tensorstore.experimental_collect_matching_metrics,
+        tensorstore.KvStore,
+    )
 
     def counted(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
+        calls.append("metrics")
+        return real_metrics(*args, **kwargs)
+
+    class CountingSpec:
+        def __init__(self, spec):
+            self.real = real_kvstore.Spec(spec)
+
+        def to_json(self, *args, **kwargs):
+            calls.append("to_json")
+            return self.real.to_json(*args, **kwargs)
+
+    class KvStore:
+        Spec = CountingSpec
+
+        @staticmethod
+        def open(spec, *args, **kwargs):
+            return real_kvstore.open(getattr(spec, "real", spec), *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real_kvstore, name)
 
     monkeypatch.setattr(tensorstore, "experimental_collect_matching_metrics", counted)
+    monkeypatch.setattr(tensorstore, "KvStore", KvStore())
     trainer = nnxfit.Trainer(
         workdir=tmp_path, callbacks=[ModelCheckpoint(every_n_steps=2)], max_steps=6
     )
