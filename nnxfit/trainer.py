@@ -32,6 +32,7 @@ from flax import nnx
 
 from nnxfit import hyperparams, interrupt
 from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
+from nnxfit.callbacks.merge import merge_callbacks
 from nnxfit.data import (
     ArrayLoader,
     BatchSpec,
@@ -287,7 +288,7 @@ class Trainer:
         mine = as_callbacks(
             module.configure_callbacks(), f"{type(module).__name__}.configure_callbacks()"
         )
-        self.cb = CallbackList(self._default_callbacks() + self.callbacks + mine)
+        self.cb = CallbackList(merge_callbacks(self._default_callbacks() + self.callbacks, mine))
         # One fit per workdir, from before a checkpoint is read until the last one is written.
         with lock_workdir(self):
             self._setup_fit(module, train_data, val_data, first)
