@@ -10,7 +10,7 @@ just ``<step>`` is complete; a tmp folder (a process killed mid-save) is never l
   (absent from ``save_weights_only`` checkpoints, which cannot resume a fit);
 * ``meta``: JSON: ``Trainer.loop_state()`` (step, epoch, batch in the epoch, History, callback
   states, loader state), the metrics at save time, nnxfit/jax/flax versions, Trainer options,
-  wall time.
+  the module's ``hparams``, wall time.
 
 The arrays and the loop state come from ``Trainer.checkpoint_state()``: the point a resume
 continues from (the live state, or the state from before a partial epoch end:
@@ -39,6 +39,7 @@ import jax
 from flax import nnx
 
 from nnxfit.errors import CheckpointError, ConfigError
+from nnxfit.hparams import of as hparams_of
 from nnxfit.module_leaves import live_leaves
 from nnxfit.warn import warn
 
@@ -391,6 +392,7 @@ def save_state(
         "loop": None if weights_only else loop,
         "versions": versions(),
         "trainer": trainer_options(trainer),
+        "hparams": hparams_of(getattr(trainer, "module", None)),
         "time": time.time(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
