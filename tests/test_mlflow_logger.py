@@ -2,6 +2,7 @@
 server, no network), read back with ``MlflowClient``."""
 
 import csv
+import os
 import shutil
 import signal
 
@@ -211,3 +212,21 @@ def test_a_crash_after_the_checkpoint_leaves_no_duplicate_steps(tmp_path, fresh_
     got = history_of(client, logger.run_id)
     assert got == expected(tmp_path)  # each step once, the uninterrupted run's values
     assert client.get_run(logger.run_id).info.status == "FINISHED"
+
+
+def test_versions_of_a_workdir_are_runs_of_one_store(tmp_path, fresh_store):
+    """A fresh fit moves the earlier run's files to version_0; the store stays at the top,
+    holding both runs, as `mlflow ui` shows them side by side."""
+    uri = fresh_store(tmp_path)
+    ids = []
+    for lr in (0.02, 0.05):
+        logger = MLflowLogger()
+        nnxfit.Trainer(workdir=tmp_path, callbacks=[logger], **{**FIT, "max_epochs": 1}).fit(
+            Net(lr=lr), data()
+        )
+        ids.append(logger.run_id)
+    assert sorted(os.listdir(tmp_path / "version_0")) == ["hparams.yaml", "metrics.csv"]
+    assert sorted(os.listdir(tmp_path / "mlruns")) == ["mlflow.db"]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("nnxfit").experiment_id])
+    assert {r.info.run_id: r.data.params["lr"] for r in runs} == {ids[0]: "0.02", ids[1]: "0.05"}

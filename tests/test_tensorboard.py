@@ -176,3 +176,40 @@ def test_two_fits_within_a_second_get_their_own_files_in_order(tmp_path):
     files = sorted(os.listdir(tmp_path / "tensorboard"))
     assert len(files) == 2
     assert scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 2.0)]  # the later one wins
+
+
+class Tuned(Classifier):
+    def __init__(self, *, lr=1e-2, width=16):
+        super().__init__(lr=lr)
+        self.save_hyperparameters()
+
+
+def test_hparams_tab_compares_the_versions_of_a_run(tmp_path):
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    for lr in (0.02, 0.05):  # the second fit moves the first to version_0
+        trainer = nnxfit.Trainer(
+            max_epochs=1, workdir=tmp_path, progress_bar=False, callbacks=[TensorBoardLogger()]
+        )
+        trainer.fit(Tuned(lr=lr), data())
+
+    mux = EventMultiplexer()  # what `tensorboard --logdir WORKDIR` reads
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    runs = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    scalar_tags = mux.PluginRunToTagToContent("scalars")
+    assert set(runs) == {"tensorboard", os.path.join("version_0", "tensorboard")}
+    seen = {}
+    for run, tags in runs.items():
+        start = HParamsPluginData.FromString(tags[metadata.SESSION_START_INFO_TAG])
+        hp = start.session_start_info.hparams
+        seen[run] = hp["lr"].number_value
+        assert hp["width"].number_value == 16 and hp["trainer.max_epochs"].number_value == 1
+        assert hp["trainer.precision"].string_value == "float32"
+        end = HParamsPluginData.FromString(tags[metadata.SESSION_END_INFO_TAG])
+        assert end.session_end_info.status == 1  # STATUS_SUCCESS
+        # The tab's metrics are the run's scalar tags.
+        assert "epoch/loss" in scalar_tags[run]
+    assert seen == {"tensorboard": 0.05, os.path.join("version_0", "tensorboard"): 0.02}

@@ -298,7 +298,7 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name=f"nnxfit-{name}", daemon=True)
         self._opened = threading.Event()
         self._errors: list[str] = []
-        self._warned: set[str] = set()
+        self._failed: set[tuple[str, str]] = set()
         self._waited = False
         self._dead = False
 
@@ -351,10 +351,7 @@ class BackgroundWriter:
 
     def _report(self) -> None:
         while self._errors:
-            text = self._errors.pop(0)
-            if text not in self._warned:
-                self._warned.add(text)
-                warn(text)
+            warn(self._errors.pop(0))
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -401,16 +398,21 @@ class BackgroundWriter:
         try:
             getattr(self.writer, method)(*args)
         except Exception as e:  # a tracker never ends the fit
+            key = (method, type(e).__name__)  # one warning per kind of failure
+            if key in self._failed:
+                return
+            self._failed.add(key)
             what = {"open": "could not start its run", "close": "could not end its run"}.get(
                 method, "could not write"
             )
-            self._errors.append(f"{self.name} {what}: {type(e).__name__}: {_short(e)}")
+            text = f"{self.name} {what}: {type(e).__name__}: {_short(e)}"
             if method == "open":
                 self._dead = True
-                self._errors.append(
-                    f"{self.name}: nothing more is logged to the tracker in this fit "
-                    "(metrics.csv and the other loggers go on)."
+                text += (
+                    ". Nothing more is logged to the tracker in this fit (metrics.csv and the "
+                    "other loggers go on)."
                 )
+            self._errors.append(text)
 
 
 def _short(e: BaseException, limit: int = 400) -> str:
