@@ -230,3 +230,64 @@ def test_versions_of_a_workdir_are_runs_of_one_store(tmp_path, fresh_store):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("nnxfit").experiment_id])
     assert {r.info.run_id: r.data.params["lr"] for r in runs} == {ids[0]: "0.02", ids[1]: "0.05"}
+
+
+def test_a_store_the_tracker_process_cannot_open_is_a_warning_and_the_fit_goes_on(tmp_path):
+    """The client runs in a process of its own (``TrackerProcess``): its error comes back to
+    the fit as one warning, and the fit and the other loggers go on."""
+    (tmp_path / "a_file").write_text("")
+    uri = f"sqlite:///{tmp_path}/a_file/mlflow.db"  # a folder that cannot be made
+    trainer = nnxfit.Trainer(workdir=tmp_path, callbacks=[MLflowLogger(tracking_uri=uri)], **FIT)
+    with pytest.warns(UserWarning, match="MLflowLogger could not start its run") as got:
+        trainer.fit(Net(), data())
+    assert len([w for w in got if "MLflowLogger" in str(w.message)]) == 1
+    assert trainer.global_step == 18
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f) if r["kind"] == "epoch"] == ["0", "1", "2"]
+
+
+KILLED_FIT = """
+import os, signal, sys
+import nnxfit
+from models import Classifier, toy_data
+from nnxfit.callbacks import MLflowLogger
+from nnxfit.data import ArrayLoader
+
+class Die(nnxfit.Callback):
+    reads_module = False
+
+    def on_train_batch_end(self, trainer, module, step, logs):
+        if step == 7:
+            print(logger.run_id, flush=True)  # waits for the run to be open
+            os.kill(os.getpid(), signal.SIGKILL)  # no hook, no atexit: the process is gone
+
+logger = MLflowLogger(tracking_uri=sys.argv[1])
+x, y = toy_data(96)
+trainer = nnxfit.Trainer(callbacks=[logger, Die()], max_epochs=3, progress_bar=False)
+trainer.fit(Classifier(), ArrayLoader((x, y), 16))
+"""
+
+
+def test_a_killed_fit_process_leaves_its_run_killed_not_running(tmp_path, empty_store):
+    """SIGKILL on the fit's process: the tracker's process sees its pipe close, ends the run
+    as KILLED and exits (MLflow would otherwise show it RUNNING forever)."""
+    import subprocess
+    import sys
+    import time
+
+    shutil.copy(empty_store, tmp_path / "store.db")
+    uri = f"sqlite:///{tmp_path}/store.db"
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here])}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_FIT, uri], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_id = proc.stdout.split()[0]
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 60
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time is not None

@@ -12,7 +12,7 @@ is its URI. That store stays at the top of the workdir when a fresh fit moves an
 files to ``workdir/version_N`` (``nnxfit.runs``): one store, one experiment, a run per fit,
 compared side by side in ``mlflow ui``, as MLflow users expect.
 
-What a run holds (``MlflowClient.log_batch``, from a background thread):
+What a run holds (``MlflowClient.log_batch``, from the tracker's process):
 
 * params: the module's ``hparams`` (``self.save_hyperparameters()``) and the Trainer options
   as ``trainer.<option>`` (nested values flattened with ``.``, lists as JSON text);
@@ -39,8 +39,11 @@ resumed run then ends again, later. Parameters cannot change in MLflow either: o
 resumed fit changes (``trainer.max_epochs`` raised to train longer) keeps its first value, and
 the new one is a tag ``nnxfit.resumed.<name>``.
 
-A fit never waits for the client: rows go on a queue, and a thread writes what gathered each
-second (``interval``) in one call; the end of the fit waits until everything is written. A
+A fit never waits for the client: rows go on a queue, and a thread sends what gathered each
+second (``interval``) in one call to the client, which runs in a process of its own
+(``writer.TrackerProcess``: its SQLAlchemy work never holds the fit's GIL, and if the fit's
+process is killed the run still ends ``KILLED``); the end of the fit waits until everything
+is written. A
 client error (a server that is down) is a warning, never the end of the fit. Only process 0
 logs; nothing is logged under ``fast_dev_run``.
 """
@@ -94,9 +97,16 @@ class MLflowLogger(LoggerCallback):
         self.run_name = run_name
         self.tracking_uri = os.fspath(tracking_uri) if tracking_uri is not None else None
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        self.run_id: str | None = None
-        self.experiment_id: str | None = None
         self.uri: str | None = None  # the store of the current (or last) fit
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run of the current (or last) fit."""
+        return self.state_dict().get("run_id")
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self.state_dict().get("experiment_id")
 
     def make_writer(self, trainer, kind: str) -> RunWriter:
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -113,7 +123,9 @@ class MLflowLogger(LoggerCallback):
             uri = local_store_uri(trainer.workdir)
             artifacts = pathlib.Path(folder, "artifacts").as_uri()
         self.uri = uri
-        return _MLflowWriter(self, uri, artifacts)
+        return _MLflowWriter(
+            uri, artifacts, self.experiment, self.run_name, self.tags, trainer.workdir
+        )
 
     def __repr__(self) -> str:
         return (
@@ -123,13 +135,16 @@ class MLflowLogger(LoggerCallback):
 
 
 class _MLflowWriter(RunWriter):
-    background = True
+    background = "process"  # sqlalchemy's work per metric would hold the fit's GIL
     flush_at_epoch_end = False
 
-    def __init__(self, logger: MLflowLogger, uri: str, artifacts: str | None):
-        self.logger = logger
+    def __init__(self, uri, artifacts, experiment, run_name, tags, workdir):
         self.uri = uri
         self.artifacts = artifacts
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = tags
+        self.workdir = workdir
         self.client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -153,7 +168,7 @@ class _MLflowWriter(RunWriter):
                 run = client.get_run(run_id)
             except MlflowException:
                 run = None  # another store: a new run (said in the tag nnxfit.resumed_from)
-        tags = {"nnxfit.workdir": os.path.abspath(start.workdir or "."), **self.logger.tags}
+        tags = {"nnxfit.workdir": os.path.abspath(start.workdir or "."), **self.tags}
         if start.module_name:
             tags["nnxfit.module"] = start.module_name
         if start.checkpoint_dir:
@@ -169,14 +184,13 @@ class _MLflowWriter(RunWriter):
                     self._have[key] = max((m.step for m in history), default=-1)
             have = dict(run.data.params)
         else:
-            name = self.logger.run_name
+            name = self.run_name
             if start.kind == "test":
                 name = name or f"{start.module_name or 'nnxfit'} test"
                 self._own_run = True
             run = client.create_run(self.experiment_id, run_name=name, tags=tags)
             self.run_id = run.info.run_id
             have = {}
-        self.logger.run_id, self.logger.experiment_id = self.run_id, self.experiment_id
         if start.kind != "fit":
             return
         params, changed = [], []
@@ -193,7 +207,7 @@ class _MLflowWriter(RunWriter):
     def _experiment(self, client) -> str:
         from mlflow.exceptions import MlflowException
 
-        name = self.logger.experiment
+        name = self.experiment
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:

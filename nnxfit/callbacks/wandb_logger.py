@@ -30,8 +30,10 @@ what the resumed run would log there; wandb keeps the first of the two.
 Every other ``wandb.init`` argument passes through ``**kwargs`` (``entity``, ``name``,
 ``group``, ``tags``, ``notes``, ``settings``, ...). When a W&B run is already active in the
 process (``wandb.run``, started by your script), the logger logs into it and leaves it open, as
-Lightning's does. The client runs on a background thread: a fit never waits for it, except at
-its end, for everything to be handed over. Only process 0 logs; nothing is logged under
+Lightning's does (from a background thread). Otherwise the client runs in a process of its own
+(``writer.TrackerProcess``, fed by a background thread): a fit never waits for it, except at
+its end, for everything to be handed over, and wandb's Python work per row never holds the
+fit's GIL. Only process 0 logs; nothing is logged under
 ``fast_dev_run``.
 """
 
@@ -42,6 +44,7 @@ import netrc
 import os
 import secrets
 import string
+import sys
 from typing import Any
 from urllib.parse import urlparse
 
@@ -81,9 +84,17 @@ class WandbLogger(LoggerCallback):
                 )
         self.project = project
         self.kwargs = dict(kwargs)
-        self.run_id: str | None = None
-        self.mode: str | None = None
-        self.run_dir: str | None = None
+        self.mode: str | None = None  # of the current (or last) fit
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run of the current (or last) fit."""
+        return self.state_dict().get("run_id")
+
+    @property
+    def run_dir(self) -> str | None:
+        """The local folder of that run (``.../wandb/offline-run-<time>-<id>`` offline)."""
+        return self.state_dict().get("run_dir")
 
     def make_writer(self, trainer, kind: str) -> RunWriter:
         mode = self.kwargs.get("mode") or os.environ.get("WANDB_MODE") or default_mode()
@@ -98,7 +109,11 @@ class WandbLogger(LoggerCallback):
                     f"WandbLogger cannot write to {folder!r}: {e.strerror or e}. Pass a "
                     "writable Trainer workdir or WandbLogger(dir=...)."
                 ) from e
-        return _WandbWriter(self, mode, folder)
+        # A run the user's script started (wandb.run) can only be logged into from this
+        # process; otherwise the client runs in a process of its own.
+        wandb = sys.modules.get("wandb")
+        user_run = getattr(wandb, "run", None) is not None
+        return _WandbWriter(self.project, self.kwargs, mode, folder, user_run)
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
@@ -124,15 +139,18 @@ def new_id() -> str:
 
 
 class _WandbWriter(RunWriter):
-    background = True
     flush_at_epoch_end = False
 
-    def __init__(self, logger: WandbLogger, mode: str, folder: str | None):
-        self.logger = logger
+    def __init__(self, project, kwargs, mode: str, folder: str | None, user_run: bool):
+        self.project = project
+        self.kwargs = kwargs
         self.mode = mode
         self.folder = folder
+        # wandb's own per-row Python work (~0.3 ms) runs in a process of its own.
+        self.background = True if user_run else "process"
         self.run = None
         self.run_id: str | None = None
+        self.run_dir: str | None = None
         self._own = True  # False: a run the user started; left open
         self._floor = -1  # steps at or below it are not logged (the resumed-from step)
         self._last = -1
@@ -141,7 +159,7 @@ class _WandbWriter(RunWriter):
         import wandb
 
         resumed = bool(start.state.get("run_id"))
-        self.run_id = start.state.get("run_id") or self.logger.kwargs.get("id") or new_id()
+        self.run_id = start.state.get("run_id") or self.kwargs.get("id") or new_id()
         params = start.all_params() if start.kind == "fit" else {}
         if wandb.run is not None:  # the user's own run: log into it
             self.run, self._own = wandb.run, False
@@ -149,10 +167,10 @@ class _WandbWriter(RunWriter):
             if params:
                 self.run.config.update(params, allow_val_change=True)
         else:
-            kwargs = {k: v for k, v in self.logger.kwargs.items() if k not in ("id", "dir")}
+            kwargs = {k: v for k, v in self.kwargs.items() if k not in ("id", "dir")}
             kwargs.setdefault("mode", self.mode)
             self.run = wandb.init(
-                project=self.logger.project,
+                project=self.project,
                 id=self.run_id,
                 resume="allow" if resumed else None,
                 dir=self.folder,
@@ -161,9 +179,8 @@ class _WandbWriter(RunWriter):
             )
             if resumed and params:
                 self.run.config.update(params, allow_val_change=True)
-        self.logger.run_id = self.run_id
         files = getattr(self.run, "dir", None)  # <run folder>/files
-        self.logger.run_dir = os.path.dirname(files) if files else None
+        self.run_dir = os.path.dirname(files) if files else None
         if start.kind == "fit":
             summary = {"workdir": os.path.abspath(start.workdir or ".")}
             if start.checkpoint_dir:
@@ -201,4 +218,7 @@ class _WandbWriter(RunWriter):
         self.run = None
 
     def state(self) -> dict:
-        return {"run_id": self.run_id} if self.run_id else {}
+        return {"run_id": self.run_id, "run_dir": self.run_dir} if self.run_id else {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "run": None}  # sent to its process before it has a run

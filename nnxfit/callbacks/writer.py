@@ -20,11 +20,14 @@ MLflow's names. Resume ("resume from a step") is part of ``open``: ``RunStart.re
 ``RunStart.state`` the logger's own state from the checkpoint (a tracker's run id).
 
 Only process 0 writes; nothing is written under ``fast_dev_run``. Writers for slow clients
-(``background = True``: MLflow, W&B) run on a thread of their own (``BackgroundWriter``): a
-hook only puts the row on a queue (microseconds, no device sync: the logs are host floats
-already), and the thread hands the client what gathered every ``interval`` seconds in one
-batch. A client error never ends the fit: it is reported once as a warning, from the next
-hook. At the end of the fit, ``close`` waits for the thread (up to ``close_timeout``).
+run off the loop (``RunWriter.background``): a hook only puts the row on a queue
+(microseconds, no device sync: the logs are host floats already), and a thread of their own
+(``BackgroundWriter``) hands the client what gathered every ``interval`` seconds in one batch.
+MLflow's and W&B's clients (``background = "process"``) then run in a Python process of their
+own (``TrackerProcess``), so that their Python work never holds the fit's GIL, and a fit
+process that dies (SIGKILL, out of memory) still leaves its run ``KILLED``, not ``RUNNING``. A
+client error never ends the fit: it is reported once as a warning, from the next hook. At the
+end of the fit, ``close`` waits for the client (up to ``close_timeout``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from nnxfit.callbacks.base import Callback
 from nnxfit.warn import warn
@@ -49,14 +52,24 @@ class Row(NamedTuple):
     time: float  # seconds since the epoch, when the hook ran
 
 
+class Resume(NamedTuple):
+    """``trainer.resume_info`` as plain data (``resume_point.ResumeInfo``'s fields): what the
+    run a resumed fit continues logged (see ``resume_point.py``)."""
+
+    log_step: int
+    superseded_from: int
+    logs: dict
+    epoch_end: tuple[int, dict] | None
+
+
 class RunStart(NamedTuple):
-    """What a writer's ``open`` gets."""
+    """What a writer's ``open`` gets (plain data: it may go to a tracker's process)."""
 
     kind: str  # "fit" | "test"
     workdir: str | None
     step: int  # the fit's first step is step + 1
     epoch: int
-    resume: Any  # trainer.resume_info (nnxfit.resume_point.ResumeInfo) or None
+    resume: Resume | None  # what the run a resumed fit continues logged
     resumed_from: str | None  # the checkpoint a resumed fit continues
     state: dict  # the logger's state restored from that checkpoint ({} otherwise)
     hparams: dict  # the module's hparams (plain data)
@@ -75,9 +88,15 @@ class RunStart(NamedTuple):
 
 class RunWriter:
     """One logger's file or client. Subclasses override what they need; every method is
-    called from one thread at a time."""
+    called from one thread at a time.
 
-    background = False  # True: run on a BackgroundWriter thread (slow clients)
+    ``background``: False, written inline by the hooks (files: CSV, TensorBoard); True, on a
+    ``BackgroundWriter`` thread; ``"process"``, on that thread through a process of its own
+    (``TrackerProcess``: a tracker client's Python work, hundreds of microseconds per logged
+    row for MLflow's SQLite store or wandb, then never holds the fit's GIL). A process writer
+    is pickled to its process: it holds plain settings, and builds its client in ``open``."""
+
+    background: bool | str = False
     flush_at_epoch_end = True  # False: data reaches the store within the batching interval
 
     def open(self, start: RunStart) -> None:
@@ -190,7 +209,12 @@ class LoggerCallback(Callback):
         from nnxfit import hparams
         from nnxfit.checkpoint import trainer_options
 
-        resume = trainer.resume_info if kind == "fit" else None
+        info = trainer.resume_info if kind == "fit" else None
+        resume = None
+        if info is not None:
+            end = info.epoch_end
+            end = (int(end[0]), numbers(end[1])) if end else None
+            resume = Resume(int(info.log_step), int(info.superseded_from), numbers(info.logs), end)
         if kind == "fit":  # a fresh fit is a new run; a resumed one continues the saved one
             state = self._restored if resume is not None else {}
         else:  # a test alone goes to the run of this logger's last fit, if it had one
@@ -213,6 +237,8 @@ class LoggerCallback(Callback):
     def _open(self, writer: RunWriter, start: RunStart) -> None:
         self._flush_at_epoch_end = writer.flush_at_epoch_end
         if writer.background:
+            if writer.background == "process":
+                writer = TrackerProcess(writer, type(self).__name__)
             bg = BackgroundWriter(writer, type(self).__name__)
             bg.open(start)
             self._writer = bg
@@ -398,14 +424,15 @@ class BackgroundWriter:
         try:
             getattr(self.writer, method)(*args)
         except Exception as e:  # a tracker never ends the fit
-            key = (method, type(e).__name__)  # one warning per kind of failure
+            kind = e.kind if isinstance(e, TrackerError) else type(e).__name__
+            key = (method, kind)  # one warning per kind of failure
             if key in self._failed:
                 return
             self._failed.add(key)
             what = {"open": "could not start its run", "close": "could not end its run"}.get(
                 method, "could not write"
             )
-            text = f"{self.name} {what}: {type(e).__name__}: {_short(e)}"
+            text = f"{self.name} {what}: {kind}: {_short(e)}"
             if method == "open":
                 self._dead = True
                 text += (
@@ -413,6 +440,195 @@ class BackgroundWriter:
                     "other loggers go on)."
                 )
             self._errors.append(text)
+
+
+class TrackerError(Exception):
+    """An error a tracker's process reported: in ``method``, of type ``kind``."""
+
+    def __init__(self, method: str, kind: str, text: str):
+        super().__init__(text)
+        self.method, self.kind = method, kind
+
+
+# The tracker process's first lines: ``nnxfit`` and ``nnxfit.callbacks`` as bare packages, so
+# that it imports the writer modules and their client, not jax and the rest of nnxfit.
+_BOOT = """
+import os, sys, types
+for name in ("nnxfit", "nnxfit.callbacks"):
+    module = types.ModuleType(name)
+    module.__path__ = [os.path.join(sys.argv[1], *name.split("."))]
+    sys.modules[name] = module
+from nnxfit.callbacks.writer import serve
+serve(int(sys.argv[2]), int(sys.argv[3]))
+"""
+
+
+class TrackerProcess(RunWriter):
+    """Runs a ``RunWriter`` in a Python process of its own (driven by a ``BackgroundWriter``
+    thread, which sends it batches of rows): the client's work never holds the fit's GIL.
+
+    The process starts at fit start (``open``: about as long as importing the client, while
+    the step compiles), in a session of its own (a Ctrl-C in the terminal reaches the fit, which
+    ends the run with its status, not the tracker), at a lower priority (``nice`` +5). It
+    imports only the writer modules and the client. Its errors come back as ``TrackerError``s;
+    if the fit's process dies, the tracker process sees its pipe close, ends the run as
+    ``KILLED`` and exits."""
+
+    background = True
+    start_timeout = 600.0
+
+    def __init__(self, writer: RunWriter, name: str):
+        self.inner = writer
+        self.name = name
+        self.flush_at_epoch_end = writer.flush_at_epoch_end
+        self._proc = None
+        self._send = self._recv = None
+        self._state: dict = {}
+        self._errors: list[TrackerError] = []
+
+    def open(self, start: RunStart) -> None:
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, root, str(down_r), str(up_w)],
+                pass_fds=(down_r, up_w),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (down_w, up_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(down_r)
+            os.close(up_w)
+        self._send = Connection(down_w, readable=False)
+        self._recv = Connection(up_r, writable=False)
+        self._send.send(("open", self.inner, start))
+        self._wait("opened", self.start_timeout)
+
+    def write(self, rows: list[Row]) -> None:
+        self._post(("rows", [r._replace(metrics=numbers(r.metrics)) for r in rows]))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._post(("tags", dict(tags)))
+
+    def flush(self) -> None:
+        self._post(("flush", None))
+
+    def close(self, status: str | None) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._send.send(("close", status))
+            self._wait("closed", None)
+        finally:
+            self._send.close()
+            self._recv.close()
+            try:
+                self._proc.wait(timeout=30)
+            except Exception:  # still busy: it ends on its own (its pipe is closed)
+                pass
+            self._proc = None
+
+    def state(self) -> dict:
+        return dict(self._state)
+
+    def _post(self, message) -> None:
+        self._send.send(message)
+        while self._recv.poll():
+            self._take()
+        if self._errors:
+            raise self._errors.pop(0)
+
+    def _take(self) -> str:
+        try:
+            message = self._recv.recv()
+        except EOFError:
+            code = self._proc.poll() if self._proc is not None else None
+            raise TrackerError(
+                "process", "EOFError", f"the tracker's process exited (status {code})"
+            ) from None
+        if message[0] == "error":
+            self._errors.append(TrackerError(*message[1:]))
+        elif message[0] in ("opened", "closed"):
+            self._state = message[1]
+        return message[0]
+
+    def _wait(self, kind: str, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._recv.poll(left):
+                raise TrackerError(
+                    "process",
+                    "TimeoutError",
+                    f"the tracker's process did not answer in {timeout} s",
+                )
+            if self._take() == kind:
+                break
+            if kind == "opened" and any(e.method == "open" for e in self._errors):
+                break
+        if self._errors:
+            raise self._errors.pop(0)
+
+
+def serve(read_fd: int, write_fd: int) -> None:
+    """The tracker process's loop (``TrackerProcess``): runs the writer it is sent."""
+    import signal
+    from multiprocessing.connection import Connection
+
+    inbox = Connection(read_fd, writable=False)
+    outbox = Connection(write_fd, readable=False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the fit decides when the run ends
+    try:
+        os.nice(5)
+    except OSError:
+        pass
+    writer = None
+
+    def call(method: str, *args) -> bool:
+        try:
+            getattr(writer, method)(*args)
+            return True
+        except Exception as e:
+            outbox.send(("error", method, type(e).__name__, _short(e)))
+            return False
+
+    while True:
+        try:
+            message = inbox.recv()
+        except EOFError:  # the fit's process is gone: end the run, then exit
+            if writer is not None:
+                call("close", KILLED)
+            return
+        kind, value = message[0], message[1:]
+        if kind == "open":
+            writer = value[0]
+            if call("open", value[1]):
+                outbox.send(("opened", writer.state()))
+            else:
+                writer = None
+        elif writer is None:
+            if kind == "close":
+                outbox.send(("closed", {}))
+                return
+        elif kind == "rows":
+            call("write", value[0])
+        elif kind == "tags":
+            call("set_tags", value[0])
+        elif kind == "flush":
+            call("flush")
+        elif kind == "close":
+            call("close", value[0])
+            outbox.send(("closed", writer.state()))
+            return
 
 
 def _short(e: BaseException, limit: int = 400) -> str:
