@@ -213,3 +213,30 @@ def test_hparams_tab_compares_the_versions_of_a_run(tmp_path):
         # The tab's metrics are the run's scalar tags.
         assert "epoch/loss" in scalar_tags[run]
     assert seen == {"tensorboard": 0.05, os.path.join("version_0", "tensorboard"): 0.02}
+
+
+def test_a_row_is_one_event_holding_all_its_scalars(tmp_path):
+    """An event per row, not per scalar: each event is a record whose checksums tensorboardX
+    computes in pure Python on the loop's thread (tens of microseconds each)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    trainer = nnxfit.Trainer(
+        max_epochs=2,
+        progress_bar=False,
+        log_every_n_steps=2,
+        callbacks=[TensorBoardLogger(tmp_path)],
+    )
+    trainer.fit(Classifier(), data(), val_data=ArrayLoader((X, Y), 32))
+    (name,) = [n for n in os.listdir(tmp_path) if n.startswith("events")]
+    rows = []
+    for event in EventFileLoader(str(tmp_path / name)).Load():
+        tags = [v.tag for v in event.summary.value]
+        if any(t.split("/")[0] in ("train", "epoch", "val") for t in tags):
+            rows.append((event.step, sorted(tags)))
+    epoch = ["epoch/accuracy", "epoch/loss", "val/accuracy", "val/loss"]
+    assert rows == [
+        *[(s, ["train/accuracy", "train/loss"]) for s in (2, 4, 6)],
+        (6, epoch),
+        *[(s, ["train/accuracy", "train/loss"]) for s in (8, 10, 12)],
+        (12, epoch),
+    ]

@@ -167,9 +167,11 @@ class _EventFile:
         # Imported here: tensorboardX and protobuf take ~2 s to import.
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
-        from tensorboardX.summary import custom_scalars, scalar
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import _clean_tag, custom_scalars
 
-        self._event, self._scalar, self._custom_scalars = Event, scalar, custom_scalars
+        self._event, self._summary, self._custom_scalars = Event, Summary, custom_scalars
+        self._clean_tag, self._tags = _clean_tag, {}
         suffix = f".{time.time_ns():019d}"
         self._writer = EventsWriter(os.path.join(log_dir, "events"), suffix)  # + file_version
         if purge_step is not None:
@@ -178,14 +180,24 @@ class _EventFile:
             self._writer.write_event(event)
 
     def scalars(self, values: dict[str, Any], step: int) -> None:
-        now = time.time()
+        # One event per row, its summary holding every value (TensorBoard reads them all):
+        # each event costs a record whose checksums tensorboardX computes in pure Python, tens
+        # of microseconds on the loop's thread, so a row is one record, not one per scalar.
+        items = []
         for tag, value in values.items():
             try:
                 x = float(value)
             except (TypeError, ValueError):
                 continue  # not a scalar: nothing TensorBoard can chart
-            event = self._event(wall_time=now, step=int(step), summary=self._scalar(tag, x))
-            self._writer.write_event(event)
+            clean = self._tags.get(tag)
+            if clean is None:
+                clean = self._tags[tag] = self._clean_tag(tag)
+            items.append(self._summary.Value(tag=clean, simple_value=x))
+        if items:
+            summary = self._summary(value=items)
+            self._writer.write_event(
+                self._event(wall_time=time.time(), step=int(step), summary=summary)
+            )
 
     def layout(self, layout: dict, step: int) -> None:
         event = self._event(wall_time=time.time(), step=int(step))
