@@ -10,7 +10,8 @@ just ``<step>`` is complete; a tmp folder (a process killed mid-save) is never l
   (absent from ``save_weights_only`` checkpoints, which cannot resume a fit);
 * ``meta``: JSON: ``Trainer.loop_state()`` (step, epoch, batch in the epoch, History, callback
   states, loader state), the metrics at save time, nnxfit/jax/flax versions, Trainer options,
-  wall time, and the save's id (also in each array item's orbax ``custom_metadata``);
+  the module's ``hparams``, wall time, and the save's id (also in each array item's orbax
+  ``custom_metadata``);
 * ``nnxfit_manifest.json``: size and CRC-32 of every file of every item, written last, before
   orbax's rename (``nnxfit.integrity``). A restore checks the files it reads against it and
   treats any failure to read a step (bad checksum, truncated or missing file, items of two
@@ -46,6 +47,7 @@ from flax import nnx
 
 from nnxfit import integrity, orbax_leaks
 from nnxfit.errors import CheckpointError, ConfigError
+from nnxfit.hparams import of as hparams_of
 from nnxfit.integrity import CheckpointCorruptError
 from nnxfit.module_leaves import live_leaves
 from nnxfit.warn import warn
@@ -413,6 +415,7 @@ def save_state(
         "loop": None if weights_only else loop,
         "versions": versions(),
         "trainer": trainer_options(trainer),
+        "hparams": hparams_of(getattr(trainer, "module", None)),
         "time": time.time(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

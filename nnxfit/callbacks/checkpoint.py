@@ -505,4 +505,3 @@ def check_one_writer_per_directory(trainer) -> None:
                 f"two ModelCheckpoints write to {directory}: {other!r} and {cb!r}. Keep one, or "
                 "give each its own dirname (e.g. ModelCheckpoint(dirname='best'))."
             )
-
