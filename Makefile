@@ -1,5 +1,6 @@
 # Each target creates or updates the virtualenv .venv in the repo itself.
-# The torch extra is a CPU build (torch==2.13.0) so the DataLoader tests run, not skip.
+# The torch extra is a CPU build (torch==2.13.0) so the DataLoader tests run, not skip; the
+# mlflow and wandb extras so the tracker tests read their runs back with the real clients.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,torch]"
+	$(BIN)/python -m pip install -q -e ".[dev,torch,mlflow,wandb]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -251,21 +251,55 @@ class Stopwatch(nnxfit.Callback):
     def __init__(self):
         self.t0 = self.t1 = None
         self.s0 = self.s1 = 0
+        self.cpu0 = self.cpu1 = (0.0, 0.0)  # CPU seconds: this process, its child processes
 
     def on_train_epoch_end(self, trainer, module, epoch, logs):
         if epoch == 0 or epoch + 1 == trainer.max_epochs:
             jax.block_until_ready(trainer.train_state())
             t = time.perf_counter()
+            cpu = (time.process_time(), children_cpu())
             # The device has done every step dispatched so far, which may run ahead of the
             # epoch whose end this is (the Trainer's lookahead).
             if epoch == 0:
-                self.t0, self.s0 = t, trainer.dispatch_step
+                self.t0, self.s0, self.cpu0 = t, trainer.dispatch_step, cpu
             else:
-                self.t1, self.s1 = t, trainer.dispatch_step
+                self.t1, self.s1, self.cpu1 = t, trainer.dispatch_step, cpu
+
+    def cpu_per_step(self) -> tuple[float, float]:
+        """CPU microseconds per step in the window: this process (the loop, XLA's threads, the
+        loggers' threads), and its child processes (the trackers' processes and theirs)."""
+        n = self.s1 - self.s0
+        return tuple((b - a) / n * 1e6 for a, b in zip(self.cpu0, self.cpu1, strict=True))
 
     @property
     def rate(self) -> float:
         return (self.s1 - self.s0) / (self.t1 - self.t0)
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the live descendants of this process, from /proc (0 where
+    there is none): what the trackers' processes spend, which no rusage of ours counts until
+    they are waited for."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            kids = []
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                with open(f"/proc/{kid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            except (OSError, IndexError, ValueError):
+                continue
+            todo.append(kid)
+    return total
 
 
 def _timed_fit(x, y, *, batch, spe, callbacks, defaults, trainer_kwargs, **limits) -> float:
@@ -296,16 +330,19 @@ def nnxfit_steady_rate(
     callbacks: Callable[[], list] = list,
     defaults: bool = True,
     trainer_kwargs: dict | None = None,
-    window: bool = False,
+    window: bool | str = False,
 ):
     """Steps/s of ``Trainer.fit`` in steady state: one warm-up epoch, then at least ``steps``
     steps in whole epochs (so no tail program compiles inside the timed window). With
-    ``window=True``, returns ``(rate, first_step, last_step, seconds)`` of the window."""
+    ``window=True``, returns ``(rate, first_step, last_step, seconds)`` of the window; with
+    ``window="cpu"``, ``(rate, cpu_us_per_step, children_cpu_us_per_step)``."""
     sw = Stopwatch()
     _timed_fit(
         x, y, batch=batch, spe=spe, callbacks=[*callbacks(), sw], defaults=defaults,
         trainer_kwargs=trainer_kwargs, hidden=hidden, max_epochs=1 + -(-steps // (len(x) // batch)),
     )  # fmt: skip
+    if window == "cpu":
+        return sw.rate, *sw.cpu_per_step()
     if window:
         return sw.rate, sw.s0, sw.s1, sw.t1 - sw.t0
     return sw.rate
@@ -329,3 +366,53 @@ def nnxfit_fit_seconds(
         x, y, batch=batch, spe=spe, callbacks=callbacks(), defaults=defaults,
         trainer_kwargs=trainer_kwargs, hidden=hidden, max_steps=steps,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- loggers ---
+class _TrackersReady(nnxfit.Callback):
+    """Holds the end of the first epoch until the background loggers have started their runs
+    (MLflow's store opened, wandb's run initialised), so that the timed window measures what
+    they cost per step, not their start-up (seconds, once per fit, on the loggers' thread)."""
+
+    order = 10**9 - 1  # just before the Stopwatch stamps the start of the window
+    reads_module = False
+    epoch_end_barrier = False
+
+    def __init__(self, loggers):
+        self.loggers = loggers
+
+    def on_train_epoch_end(self, trainer, module, epoch, logs):
+        if epoch == 0:
+            for logger in self.loggers:
+                logger.state_dict()  # a background writer's state waits for its open
+
+
+def tracker_callbacks(root: str) -> tuple[Callable[[], list] | None, str]:
+    """A factory of every logger nnxfit has, each writing into a fresh folder under ``root``
+    (MLflow into one SQLite store made up front: a new store's schema migration is a one-off
+    cost, not a per-step one), and their names; (None, reason) when a client is missing."""
+    from nnxfit.callbacks import CSVLogger, MLflowLogger, TensorBoardLogger, WandbLogger
+    from nnxfit.errors import ConfigError
+
+    try:
+        MLflowLogger(), WandbLogger()
+    except ConfigError as e:
+        return None, str(e)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+    MlflowClient(uri).search_experiments()  # creates the store
+    count = [0]
+
+    def make() -> list:
+        count[0] += 1
+        d = os.path.join(root, f"fit{count[0]}")
+        loggers = [
+            CSVLogger(os.path.join(d, "metrics.csv")),
+            TensorBoardLogger(os.path.join(d, "tensorboard")),
+            MLflowLogger(tracking_uri=uri),
+            WandbLogger(mode="offline", dir=d),
+        ]
+        return [*loggers, _TrackersReady(loggers)]
+
+    return make, "CSVLogger, TensorBoardLogger, MLflowLogger (SQLite), WandbLogger (offline)"

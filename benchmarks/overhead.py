@@ -10,6 +10,10 @@ Two workloads on scikit-learn's digits (AdamW, cross-entropy): an overhead-bound
   E  ``nnxfit.Trainer.fit`` with the default callbacks (progress bar in non-terminal mode,
      CSV logging), ``steps_per_execution`` 1 and 32
   G  E plus ``NaNGuard`` and ``GradNormMonitor`` (computed inside the step)
+  N  ``Trainer.fit`` with no logger at all (no workdir, no progress bar), spe 1 and 32
+  L  N plus every logger: ``CSVLogger``, ``TensorBoardLogger``, ``MLflowLogger`` (a local
+     SQLite store) and ``WandbLogger`` (offline); their cost is L against N (``--no-loggers``
+     skips them; they need the mlflow and wandb extras)
 
 E and G are timed in steady state inside one fit: from the end of its first epoch (compiled,
 device synced) to the end of its last (synced), over whole epochs of at least N steps, so no
@@ -19,7 +23,9 @@ the noise of compiling twice. Everything is best of ``--repeats``, with the cont
 interleaved so that load from other processes hits them alike.
 
 Exits 1 when a target of issue 6 is missed: E/A at least the ``--target-*`` ratios, and G
-within ``--max-guard-cost`` of E. ``--cprofile`` instead prints where a fit's host time goes.
+within ``--max-guard-cost`` of E; or issue 17's: L within ``--max-logger-cost`` of N (N and
+L also print their CPU time per step, which load from other processes does not inflate).
+``--cprofile`` instead prints where a fit's host time goes.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from common import (  # noqa: E402
     default_callback_kwargs,
     digits,
@@ -45,6 +53,7 @@ from common import (  # noqa: E402
     nnx_jit,
     nnxfit_fit_seconds,
     nnxfit_steady_rate,
+    tracker_callbacks,
 )
 
 WORKLOADS = {
@@ -75,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--target-large-spe1", type=float, default=0.98)
     p.add_argument("--target-large-spe32", type=float, default=1.10)
     p.add_argument("--max-guard-cost", type=float, default=0.03, help="G may be this much slower")
+    p.add_argument("--max-logger-cost", type=float, default=0.03, help="L may be this much slower")
+    p.add_argument("--no-loggers", action="store_true", help="skip the N and L contenders")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument(
         "--cprofile",
@@ -129,20 +140,37 @@ def bench_workload(name: str, args) -> dict:
         fits[f"E nnxfit spe={spe}"] = dict(spe=spe, callbacks=list)
     for spe in (1, 32):
         fits[f"G nnxfit spe={spe} +guard"] = dict(spe=spe, callbacks=lambda: guard_callbacks()[0])
+    loggers, logger_names = (None, "skipped (--no-loggers)")
+    if not args.no_loggers:
+        loggers, logger_names = tracker_callbacks(args.tmp)
+    print(f"   loggers (L): {logger_names}", flush=True)
+    if loggers is not None:
+        for spe in (1, 32):
+            fits[f"N nnxfit spe={spe} no loggers"] = dict(spe=spe, callbacks=list, defaults=False)
+            fits[f"L nnxfit spe={spe} +loggers"] = dict(spe=spe, callbacks=loggers, defaults=False)
     common = dict(batch=batch, hidden=hidden)
 
-    def fit_rate(f):
+    cpu: dict[str, list] = {}  # N and L: CPU us/step (process, children) of each repeat
+
+    def fit_rate(k, f):
         if args.method == "window":
-            return nnxfit_steady_rate(
-                x, y, steps=n, spe=f["spe"], callbacks=f["callbacks"], **common
+            rate, own, kids = nnxfit_steady_rate(
+                x,
+                y,
+                steps=n,
+                spe=f["spe"],
+                callbacks=f["callbacks"],
+                defaults=f.get("defaults", True),
+                window="cpu",
+                **common,
             )
+            if k[0] in "NL":
+                cpu.setdefault(k, []).append((own, kids))
+            return rate
         steps = max(f["spe"], (n // f["spe"]) * f["spe"])
-        short = nnxfit_fit_seconds(
-            x, y, steps=WARM, spe=f["spe"], callbacks=f["callbacks"], **common
-        )
-        long = nnxfit_fit_seconds(
-            x, y, steps=WARM + steps, spe=f["spe"], callbacks=f["callbacks"], **common
-        )
+        kw = dict(spe=f["spe"], callbacks=f["callbacks"], defaults=f.get("defaults", True))
+        short = nnxfit_fit_seconds(x, y, steps=WARM, **kw, **common)
+        long = nnxfit_fit_seconds(x, y, steps=WARM + steps, **kw, **common)
         return steps / (long - short) if long > short else float("nan")
 
     best_hand = {k: 0.0 for k in hand}
@@ -155,7 +183,7 @@ def bench_workload(name: str, args) -> dict:
             best_hand[k] = max(best_hand[k], steps / (time.perf_counter() - t))
         # The fits' order turns each round: which fit follows which moved G spe=32 by ~5 %.
         for k in names[r % len(names) :] + names[: r % len(names)]:
-            best_fit[k] = max(best_fit[k], fit_rate(fits[k]))
+            best_fit[k] = max(best_fit[k], fit_rate(k, fits[k]))
 
     rates = dict(best_hand)
     if not args.no_hand:
@@ -173,6 +201,8 @@ def bench_workload(name: str, args) -> dict:
         "guard": guard_name,
         "defaults": default_names,
         "fit_seconds": best_fit,
+        # The median of the repeats (the children's CPU ticks are 10 ms: a window holds few).
+        "cpu_us_per_step": {k: tuple(np.median(v, axis=0).tolist()) for k, v in cpu.items()},
     }
 
 
@@ -194,6 +224,23 @@ def check(result: dict, args) -> list[str]:
             note = f">= {targets[k]:.2f}  {'ok' if ok else 'MISSED'}"
             if not ok:
                 missed.append(f"{name}: {k} at {ratio:.3f}x of A, target {targets[k]:.2f}x")
+        elif k.startswith("L "):
+            base_rate = rates[k.replace("L ", "N ").replace(" +loggers", " no loggers")]
+            cost = 1 - v / base_rate
+            ok = cost <= args.max_logger_cost
+            note = f"costs {cost * 100:+.1f}% vs N (max {args.max_logger_cost * 100:.0f}%)  " + (
+                "ok" if ok else "MISSED"
+            )
+            if not ok:
+                missed.append(f"{name}: {k} costs {cost * 100:.1f}% over N")
+            cpu = result.get("cpu_us_per_step", {})
+            nk = k.replace("L ", "N ").replace(" +loggers", " no loggers")
+            if k in cpu and nk in cpu:  # load-proof: CPU time, not wall time
+                (own, kids), (alone, _) = cpu[k], cpu[nk]
+                note += (
+                    f"\n   {'':32s} CPU/step: fit process {alone:.0f} -> {own:.0f} us "
+                    f"({(own / alone - 1) * 100:+.1f}%), trackers' processes {kids:.0f} us"
+                )
         elif k.startswith("G "):
             e = rates[k.replace("G ", "E ").replace(" +guard", "")]
             cost = 1 - v / e
@@ -243,10 +290,12 @@ def main(argv=None) -> int:
         cprofile(args)
         return 0
     results, missed = [], []
-    for name in args.workloads.split(","):
-        result = bench_workload(name.strip(), args)
-        missed += check(result, args)
-        results.append(result)
+    with tempfile.TemporaryDirectory(prefix="nnxfit-bench-") as tmp:
+        args.tmp = tmp  # the loggers' folders and MLflow store
+        for name in args.workloads.split(","):
+            result = bench_workload(name.strip(), args)
+            missed += check(result, args)
+            results.append(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "args": vars(args), "results": results}, f, indent=1)

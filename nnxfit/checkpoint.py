@@ -11,7 +11,12 @@ just ``<step>`` is complete; a tmp folder (a process killed mid-save) is never l
   (absent from ``save_weights_only`` checkpoints, which cannot resume a fit);
 * ``meta``: JSON: ``Trainer.loop_state()`` (step, epoch, batch in the epoch, History, callback
   states, loader state), the metrics at save time, nnxfit/jax/flax versions, Trainer options,
-  wall time.
+  the module's ``hparams``, wall time, and the save's id (also in each array item's orbax
+  ``custom_metadata``);
+* ``nnxfit_manifest.json``: size and CRC-32 of every file of every item, written last, before
+  orbax's rename (``nnxfit.integrity``). A restore checks the files it reads against it and
+  treats any failure to read a step (bad checksum, truncated or missing file, items of two
+  saves, any orbax/TensorStore read error) as that step being corrupt.
 
 The arrays and the loop state come from ``Trainer.checkpoint_state()``: the point a resume
 continues from (the live state, or the state from before a partial epoch end:
@@ -25,7 +30,6 @@ namedtuples, ``nnx.State``) with the live shardings. Typed PRNG keys are stored 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,11 +41,15 @@ from importlib import metadata as _metadata
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nnxfit import integrity, orbax_leaks
 from nnxfit.config import EXACTNESS_OPTIONS, trainer_options  # noqa: F401 (re-exported)
 from nnxfit.errors import CheckpointError, ConfigError
+from nnxfit.hparams import of as hparams_of
+from nnxfit.integrity import CheckpointCorruptError
 from nnxfit.module_leaves import live_leaves
 
 FORMAT = 1
@@ -53,12 +61,13 @@ class CheckpointMismatchError(CheckpointError):
     """The checkpoint's arrays differ in structure, shape or dtype from the live module."""
 
 
-class CheckpointCorruptError(CheckpointError):
-    """A checkpoint folder cannot be read (truncated, garbled or missing files)."""
-
-
 class ResumeWarning(UserWarning):
     """``fit(resume=...)`` started fresh, skipped a corrupt checkpoint, or moved one aside."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was loaded without checksums to verify it against (written before nnxfit
+    recorded them), or ``ModelCheckpoint`` refused to save a non-finite state."""
 
 
 class CheckpointInfo(NamedTuple):
@@ -88,6 +97,7 @@ logging.getLogger("absl").addFilter(_quiet)
 def _ocp():
     import orbax.checkpoint as ocp  # slow import: only when checkpoints are used
 
+    orbax_leaks.install()  # two TensorStore calls orbax makes per save leak host memory
     return ocp
 
 
@@ -124,6 +134,7 @@ def open_manager(
     mode: str = "min",
     keep: Any = None,
     compress: bool = False,
+    on_commit: Any = None,
 ):
     """An asynchronous orbax ``CheckpointManager`` for writing to ``directory``, compressing
     arrays with zstd only if ``compress`` (``_tree_handler``).
@@ -131,6 +142,8 @@ def open_manager(
     ``keep`` is an orbax preservation policy. Orbax applies it in its finalize thread after
     the new checkpoint is committed, so an old checkpoint is never deleted before its
     successor is complete. Leftover tmp folders of killed saves are removed on creation.
+    ``on_commit()`` runs in orbax's background thread once every item of a save is written,
+    before the step folder is renamed (``checkpoint_writer.Writer._seal``).
     """
     ocp = _ocp()
     best = {}
@@ -140,6 +153,7 @@ def open_manager(
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
         preservation_policy=keep,
+        async_options=ocp.AsyncOptions(post_finalization_callback=on_commit),
         **best,
     )
     return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers(compress))
@@ -326,10 +340,13 @@ def save_state(
     monitor: str | None = None,
     mode: str = "min",
     weights_only: bool = False,
+    save_id: str | None = None,
 ) -> bool:
     """Starts an asynchronous save of the fit's state at ``step``; returns once the arrays
     are copied off the device. ``metrics`` are the values at save time (the monitored one is
-    ranked by orbax only when finite: a NaN must never count as the best)."""
+    ranked by orbax only when finite: a NaN must never count as the best). ``save_id`` marks
+    every item as this save's (``checkpoint_writer.Writer`` passes it and writes the checksum
+    manifest under the same id)."""
     ocp = _ocp()
     state, loop = trainer.checkpoint_state()  # the resume point (resume_point.py)
     module, train = _split_train_state(state)
@@ -346,12 +363,17 @@ def save_state(
         "loop": None if weights_only else loop,
         "versions": versions(),
         "trainer": trainer_options(trainer),
+        "hparams": hparams_of(getattr(trainer, "module", None)),
         "time": time.time(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    items = {"module": ocp.args.StandardSave(module.storable())}
+    mark = None
+    if save_id is not None:
+        meta["save_id"] = save_id
+        mark = {integrity.SAVE_KEY: {"id": save_id, "step": int(step)}}
+    items = {"module": ocp.args.StandardSave(module.storable(), custom_metadata=mark)}
     if not weights_only:
-        items["train"] = ocp.args.StandardSave(train.storable())
+        items["train"] = ocp.args.StandardSave(train.storable(), custom_metadata=mark)
     items["meta"] = ocp.args.JsonSave(meta)
     ranked = None
     if monitor is not None:
@@ -360,17 +382,50 @@ def save_state(
     return manager.save(step, args=ocp.args.Composite(**items), metrics=ranked, force=True)
 
 
+def _inexact_leaves(tree: Any) -> list:
+    return [
+        x
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jnp.inexact)
+    ]
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
+
+
+def state_is_finite(trainer) -> bool:
+    """Whether every float of the module's variables and of the optimizer state is finite:
+    one fused reduction, asked only when a checkpoint is about to be taken (never per step).
+    The state checked is the one a save writes (``Trainer.checkpoint_state``)."""
+    state, _ = trainer.checkpoint_state()
+    out = _all_finite(_inexact_leaves((state["params"], state["rest"], state["opt"])))
+    # Replicated on every device (and process): the local copy answers for all of them.
+    return bool(np.asarray(out.addressable_data(0)))
+
+
 # ----------------------------------------------------------------------------- restoring ---
-# What orbax/tensorstore raise for unreadable folders: DATA_LOSS / OUT_OF_RANGE / NOT_FOUND
-# (ValueError), garbled JSON, a missing item (KeyError), file errors.
-_READ_ERRORS = (ValueError, KeyError, OSError, json.JSONDecodeError)
+def _read_failure(error: BaseException) -> bool:
+    """Whether an exception raised while orbax/TensorStore read a step means the step cannot
+    be read. They raise ValueError (DATA_LOSS, OUT_OF_RANGE, NOT_FOUND), KeyError, OSError,
+    garbled JSON, and a bare ``Exception`` ("Encountered error while reading array index") for
+    a truncated or missing data file: any of them. Running out of memory is not the
+    checkpoint's fault and propagates."""
+    if isinstance(error, MemoryError | CheckpointMismatchError):
+        return False
+    return "RESOURCE_EXHAUSTED" not in str(error)
 
 
 def _read_meta(reader, step: int, where: str) -> dict:
     ocp = _ocp()
     try:
         meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except _READ_ERRORS as e:
+    except Exception as e:
+        if not _read_failure(e):
+            raise
         raise CheckpointCorruptError(f"checkpoint {where} is unreadable: its meta item: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointCorruptError(
@@ -380,14 +435,32 @@ def _read_meta(reader, step: int, where: str) -> dict:
     return meta
 
 
-def _restore_items(reader, step: int, where: str, trees: dict[str, _Tree]) -> dict:
-    """Checks every tree against the checkpoint's metadata, then restores them all; returns
-    ``{item: restored leaves in live order}``."""
-    ocp = _ocp()
+def _check_step(reader, directory: str, step: int, names: tuple[str, ...]) -> tuple:
+    """Everything that can be checked before an array is read: the metadata, that every item
+    comes from the one save of ``step``, and the checksum of every file of ``names`` and meta.
+    Returns ``(meta, orbax item metadata, verified)``; ``verified`` is False for a checkpoint
+    written before nnxfit recorded checksums."""
+    where = os.path.join(directory, str(step))
+    manifest = integrity.read_manifest(where, where)
+    meta = _read_meta(reader, step, where)
     try:
         md = reader.item_metadata(step)
-    except _READ_ERRORS as e:
+    except Exception as e:
+        if not _read_failure(e):
+            raise
         raise CheckpointCorruptError(f"checkpoint {where} is unreadable: {e}") from e
+    present = {n: md.get(n) for n in names if hasattr(md, "get") and md.get(n) is not None}
+    customs = {n: getattr(m, "custom_metadata", None) for n, m in present.items()}
+    integrity.check_save_ids(where, step, manifest, meta, customs)
+    if manifest is not None:
+        integrity.verify(where, manifest, (*present, "meta"), where)
+    return meta, md, manifest is not None
+
+
+def _restore_items(reader, step: int, where: str, trees: dict[str, _Tree], md) -> dict:
+    """Checks every tree against the checkpoint's item metadata ``md``, then restores them
+    all; returns ``{item: restored leaves in live order}``."""
+    ocp = _ocp()
     for name, tree in trees.items():
         disk = md.get(name) if hasattr(md, "get") else None
         if disk is None:
@@ -397,20 +470,31 @@ def _restore_items(reader, step: int, where: str, trees: dict[str, _Tree]) -> di
     try:
         out = reader.restore(step, args=args)
         jax.block_until_ready([out[n] for n in trees])
-    except _READ_ERRORS as e:
+    except Exception as e:
+        if not _read_failure(e):
+            raise
         raise CheckpointCorruptError(
             f"checkpoint {where} is unreadable (truncated or corrupt data): {e}"
         ) from e
     return {n: t.rebuild_leaves(out[n]) for n, t in trees.items()}
 
 
-def restore_into_trainer(trainer, directory: str, step: int) -> dict:
-    """Loads checkpoint ``step`` of ``directory`` into the fit; returns its metadata. Nothing
-    in the trainer changes unless every array was read and matched."""
+def unverified(where: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"checkpoint {where} has no checksums (it was written before nnxfit recorded them): it "
+        "was loaded without verifying its bytes. Checkpoints saved from now on are verified.",
+        CheckpointWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def restore_and_verify(trainer, directory: str, step: int) -> tuple[dict, bool]:
+    """Loads checkpoint ``step`` of ``directory`` into the fit; returns its metadata and
+    whether its files were checked against a checksum manifest (older checkpoints have none)."""
     where = os.path.join(directory, str(step))
     reader = _reader(directory)
     try:
-        meta = _read_meta(reader, step, where)
+        meta, md, verified = _check_step(reader, directory, step, ("module", "train"))
         if meta.get("kind") != "full":
             raise CheckpointError(
                 f"checkpoint {where} holds weights only (ModelCheckpoint(save_weights_only="
@@ -418,13 +502,20 @@ def restore_into_trainer(trainer, directory: str, step: int) -> dict:
                 "path), or resume from a full checkpoint."
             )
         module, train = _split_train_state(trainer.train_state())
-        out = _restore_items(reader, step, where, {"module": module, "train": train})
+        out = _restore_items(reader, step, where, {"module": module, "train": train}, md)
     finally:
         reader.close()
     state = {**module.treedef.unflatten(out["module"]), **train.treedef.unflatten(out["train"])}
     trainer.load_train_state(state)
     trainer.load_loop_state(meta["loop"])
-    return meta
+    return meta, verified
+
+
+def restore_into_trainer(trainer, directory: str, step: int) -> dict:
+    """Loads checkpoint ``step`` of ``directory`` into the fit; returns its metadata. Nothing
+    in the trainer changes unless every file checked out and every array was read and
+    matched."""
+    return restore_and_verify(trainer, directory, step)[0]
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -540,15 +631,17 @@ def load_checkpoint(
 
         def load(s):
             where = os.path.join(directory, str(s))
-            meta = _read_meta(reader, s, where)
-            return meta, _restore_items(reader, s, where, {"module": tree})["module"]
+            meta, md, verified = _check_step(reader, directory, s, ("module",))
+            return meta, _restore_items(reader, s, where, {"module": tree}, md)["module"], verified
 
         if step is not None:
-            meta, restored = load(step)
+            meta, restored, verified = load(step)
         else:
-            step, (meta, restored), _ = newest_intact(directory, steps, load)
+            step, (meta, restored, verified), _ = newest_intact(directory, steps, load)
     finally:
         reader.close()
+    if not verified:
+        unverified(os.path.join(directory, str(step)), stacklevel=2)
     for var, x in zip(variables, restored, strict=True):
         var.set_raw_value(x)
     return CheckpointInfo(os.path.join(directory, str(step)), step, dict(meta.get("metrics") or {}))

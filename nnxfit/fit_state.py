@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nnxfit.callbacks.checkpoint import ModelCheckpoint
+from nnxfit.callbacks.checkpoint import ModelCheckpoint, check_one_writer_per_directory
 from nnxfit.data import loader_state
 from nnxfit.resume import resume_fit
 from nnxfit.resume_point import ResumeInfo, Trail, capture, step_of
@@ -85,6 +85,7 @@ class FitState:
         return step_of(self, self._resume_point)
 
     def _resume(self, resume) -> None:
+        check_one_writer_per_directory(self)  # before anything is loaded into the module
         dirs = [c.resolve_directory(self) for c in self.cb if isinstance(c, ModelCheckpoint)]
         resume_fit(self, resume, dirs)
 

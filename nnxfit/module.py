@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import optax
 from flax import nnx
+
+from nnxfit.hparams import HParams, collect
 
 # The keys the default ``predict_step`` takes a dict batch's inputs from, in this order.
 INPUT_KEYS = ("x", "inputs", "input", "image", "images", "features", "data")
@@ -25,6 +28,43 @@ class TrainModule(nnx.Module):
     """
 
     trainable: Any = nnx.Param
+
+    @property
+    def hparams(self) -> HParams:
+        """The module's hyperparameters: a dict of plain data with attribute access
+        (``self.hparams.lr``), empty until ``save_hyperparameters()`` fills it or you set
+        entries (``self.hparams["lr"] = 1e-3``, ``self.hparams = {...}``). It is a static
+        attribute of the module (part of its graph definition, so ``training_step`` reads it
+        too) and goes into every checkpoint, ``workdir/hparams.yaml`` and the trackers
+        (TensorBoard's HParams tab, MLflow params, W&B config). See ``nnxfit.hparams``."""
+        hp = vars(self).get("hparams")
+        if not isinstance(hp, HParams):
+            hp = vars(self)["hparams"] = HParams(hp or {})
+        return hp
+
+    @hparams.setter
+    def hparams(self, value: Any) -> None:
+        # Stored directly: a static attribute nnx's graph flattening finds in vars(self).
+        vars(self)["hparams"] = HParams(value or {})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "hparams":  # made plain data first: nnx refuses arrays or Rngs in statics
+            TrainModule.hparams.fset(self, value)
+        else:
+            super().__setattr__(name, value)
+
+    def save_hyperparameters(self, *args: Any, ignore: Any = None) -> None:
+        """Fills ``self.hparams`` from the arguments of ``__init__`` (call it there), as
+        Lightning's does: every argument but ``self`` and the names in ``ignore``;
+        ``save_hyperparameters("lr", "depth")`` only those; ``save_hyperparameters(d)`` the
+        dict (or ``argparse.Namespace``) ``d``. Values that are not plain data (an
+        ``nnx.Rngs``, a module, a function) are stored as a short description string."""
+        frame = inspect.currentframe().f_back
+        try:
+            values = collect(self, args, ignore, frame)
+        finally:
+            del frame
+        self.hparams.update(values)
 
     @property
     def trainer(self):

@@ -16,7 +16,20 @@ into ``WORKDIR/plots/`` (or ``out_dir``):
   name become ``_`` in the file name.
 * ``overview.png``: every family in one grid.
 
-It returns the paths written, families first (in the CSV's column order), overview last.
+It returns the paths written, families first (in the CSV's column order), overview last;
+when the workdir holds earlier runs (``version_N/``, see ``nnxfit.runs``), ``runs.png``
+after them: every run of the workdir on one figure (``plot_compare``).
+
+``plot_compare(paths, out)`` (``nnxfit plot --compare DIR1 DIR2 ... [--out FILE]``) draws
+several runs on one figure: a panel per metric (``loss``, ``val_loss``, ``accuracy``, ...,
+in the order the runs logged them), a colour per run. A train metric is drawn per epoch
+(solid, markers) over its per-log-interval values (thin, faint); a ``val_`` metric per epoch.
+Each path is a run folder or its ``metrics.csv``; a workdir with versions counts as all of
+its runs (``version_0``, ``version_1``, ..., then the newest at the top). Runs are labelled
+by their folder, relative to the folders' common parent (a workdir's newest run as
+``<workdir> (latest)``), followed by the hyperparameters that differ between them
+(``hparams.yaml``: ``lr=0.01``).
+
 Only matplotlib's Agg canvas is used, so no display is ever needed. Bad input raises
 ``PlotError`` naming the path and the fix; the command line turns it into exit status 2.
 """
@@ -35,6 +48,8 @@ from nnxfit.errors import NnxfitError
 METRICS_FILE = "metrics.csv"
 PLOTS_DIR = "plots"
 OVERVIEW = "overview"
+RUNS = "runs"  # the workdir's runs (its versions) on one figure
+COMPARE = "compare.png"  # plot_compare's default file name
 _NOT_METRICS = {"step", "epoch", "kind"}
 # Logged as their value at the interval's or epoch's last step, not as a mean over its steps.
 AT_STEP = {"lr", "nonfinite_steps", "spike_steps"}
@@ -95,7 +110,163 @@ def plot_run(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     path = out / f"{OVERVIEW}.png"
     fig.savefig(path, dpi=100)
     written.append(path)
+    if csv_path.parent != Path(workdir) or not _versions(csv_path.parent):
+        return written
+    written.append(plot_compare([csv_path.parent], out / f"{RUNS}.png"))
     return written
+
+
+# ------------------------------------------------------------------------ several runs ---
+@dataclass
+class Run:
+    label: str
+    csv_path: Path
+    hparams: dict = field(default_factory=dict)
+
+
+def find_runs(paths: list[str | os.PathLike]) -> list[Run]:
+    """The runs behind ``paths`` (see the module docstring), labelled."""
+    found: list[tuple[Path, bool]] = []  # (run folder or csv, is a workdir's newest)
+    for p in map(Path, paths):
+        versions = _versions(p) if p.is_dir() else []
+        found += [(v, False) for v in versions]
+        if versions and not (p / METRICS_FILE).is_file():
+            continue
+        found.append((p, bool(versions)))
+    if not found:
+        raise PlotError("nnxfit plot --compare needs at least one run folder.")
+    csvs = [_find_csv(p) for p, _ in found]
+    folders = [c.parent.resolve() for c in csvs]
+    root = Path(os.path.commonpath(folders)) if len(folders) > 1 else folders[0].parent
+    from nnxfit.hparams import read_file
+
+    runs = []
+    for (_, latest), csv_path, folder in zip(found, csvs, folders, strict=True):
+        rel = os.path.relpath(folder, root)
+        label = folder.name if rel == "." else rel
+        if latest:
+            label += " (latest)"
+        runs.append(Run(label, csv_path, read_file(folder)))
+    _add_hparams_to_labels(runs)
+    seen: dict[str, int] = {}
+    for r in runs:  # the same folder given twice
+        seen[r.label] = seen.get(r.label, 0) + 1
+        if seen[r.label] > 1:
+            r.label = f"{r.label} #{seen[r.label]}"
+    return runs
+
+
+def plot_compare(paths: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
+    """Draws the runs of ``paths`` on one figure (see the module docstring); writes it to
+    ``out`` (a ``.png`` path, or a folder for ``compare.png``; default ``./compare.png``) and
+    returns its path."""
+    runs = find_runs(paths)
+    curves = [read_curves(r.csv_path) for r in runs]
+    names: list[str] = []
+    for c in curves:
+        names += [n for n in c if n not in names]
+    names = _panel_order(names)
+    out = Path(out) if out is not None else Path.cwd() / COMPARE
+    if out.suffix.lower() != ".png":
+        out = out / COMPARE
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PlotError(
+            f"cannot create the folder of {str(out)!r}: {e.strerror or e}. Pass a writable "
+            "--out path."
+        ) from e
+
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    ncols = 2 if len(names) in (2, 4) else min(3, len(names))  # a train/val pair per row
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(5.5 * ncols, 3.6 * nrows + 0.6), layout="constrained")
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        values = []
+        for j, c in enumerate(curves):
+            color = f"C{j % 10}"
+            interval, epoch = c.get(name, ((), ()))
+            if interval:
+                ax.plot(*zip(*interval, strict=True), color=color, lw=0.8, alpha=0.35)
+            if epoch:
+                ax.plot(*zip(*epoch, strict=True), color=color, lw=1.6, marker="o", ms=3)
+            values += [v for _, v in (*interval, *epoch)]
+        if "loss" in name and values and min(values) > 0 and max(values) / min(values) >= 100:
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], color=f"C{j % 10}", lw=2, marker="o") for j in range(len(runs))]
+    fig.legend(
+        handles,
+        [r.label for r in runs],
+        loc="outside lower center",
+        ncols=min(4, len(runs)),
+        fontsize="small",
+    )
+    fig.suptitle(f"{len(runs)} runs: per epoch (markers) and per log interval (faint)")
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def read_curves(csv_path: Path) -> dict[str, tuple[list, list]]:
+    """``{metric: (interval points, epoch points)}`` of a ``metrics.csv``; points are
+    ``(step, value)``, finite values only."""
+    families = read_families(csv_path)  # checks the file as plot_run does
+    del families
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, tuple[list, list]] = {}
+    for name in (c for c in rows[0] if c not in _NOT_METRICS and c is not None):
+        interval, epoch = [], []
+        for r in rows:
+            step, value = _number(r.get("step")), _number(r.get(name))
+            if step is None or value is None:
+                continue
+            kind = r.get("kind", "train")
+            if kind == "train":
+                interval.append((int(step), value))
+            elif kind == "epoch":
+                epoch.append((int(step), value))
+        if interval or epoch:
+            out[name] = (interval, epoch)
+    return out
+
+
+def _panel_order(names: list[str]) -> list[str]:
+    """Each train metric followed by its ``val_`` twin, loss first."""
+    base = [n for n in names if not n.startswith("val_")]
+    base.sort(key=lambda n: n != "loss")
+    ordered = []
+    for n in base:
+        ordered.append(n)
+        if f"val_{n}" in names:
+            ordered.append(f"val_{n}")
+    return ordered + [n for n in names if n not in ordered]
+
+
+def _versions(folder: Path) -> list[Path]:
+    found = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = re.match(r"^version_(\d+)$", p.name)
+            if m and p.is_dir() and (p / METRICS_FILE).is_file():
+                found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _add_hparams_to_labels(runs: list[Run], most: int = 3) -> None:
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in r.hparams if k not in keys]
+    differ = [k for k in keys if len({repr(r.hparams.get(k)) for r in runs}) > 1][:most]
+    for r in runs:
+        shown = [f"{k}={r.hparams[k]}" for k in differ if k in r.hparams]
+        if shown:
+            r.label = f"{r.label} ({', '.join(shown)})"
 
 
 def read_families(csv_path: str | os.PathLike) -> dict[str, list[Series]]:

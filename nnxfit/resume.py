@@ -24,7 +24,8 @@ from nnxfit.checkpoint import (
     move_aside,
     newest_intact,
     resolve,
-    restore_into_trainer,
+    restore_and_verify,
+    unverified,
     versions,
 )
 from nnxfit.config import EXACTNESS_OPTIONS, trainer_options
@@ -80,12 +81,12 @@ def resume_fit(trainer, resume: Any, dirs: list[str]) -> None:
         )
 
     def load(step):
-        return restore_into_trainer(trainer, directory, step)
+        return restore_and_verify(trainer, directory, step)
 
     if explicit:
-        step, meta, corrupt = steps[0], load(steps[0]), []
+        step, (meta, verified), corrupt = steps[0], load(steps[0]), []
     else:
-        step, meta, corrupt = newest_intact(directory, steps, load)
+        step, (meta, verified), corrupt = newest_intact(directory, steps, load)
     if corrupt and trainer.is_global_zero:
         dest = move_aside(directory, corrupt, "corrupt")
         warnings.warn(
@@ -95,6 +96,8 @@ def resume_fit(trainer, resume: Any, dirs: list[str]) -> None:
             stacklevel=4,
         )
     trainer.resumed_from = os.path.join(directory, str(step))
+    if not verified:
+        unverified(trainer.resumed_from, stacklevel=4)
     warn_on_drift(meta, trainer, requested)
 
 

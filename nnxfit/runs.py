@@ -5,6 +5,7 @@
 * says in one console line from which checkpoint, step and epoch a resumed fit continues;
 * says when a Trainer fits the same module again: the weights carry over, the optimizer
   starts fresh (as in Lightning, where every fit calls ``configure_optimizers``);
+* writes the module's ``hparams`` to ``workdir/hparams.yaml`` (``nnxfit.hparams``);
 * keeps earlier runs (``new_version``): a fit that does not resume, into a ``workdir`` that
   already holds a run's files, first moves those files into ``workdir/version_N/`` (N = 0,
   1, ... oldest first, Lightning's naming), so the newest run is always at the top of the
@@ -14,7 +15,8 @@
 
 What counts as a run's files: what nnxfit writes into the workdir (``RUN_FILES``, the
 ``checkpoints.previous-*``/``checkpoints.corrupt-*`` folders, and the paths the fit's own
-built-in callbacks write to). Anything else in the workdir stays where it is.
+built-in callbacks write to). Anything else in the workdir stays where it is, and so do the
+trackers' stores (``SHARED_STORES``: ``mlruns``, ``wandb``), which hold every version's run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import re
 
 import jax
 
+from nnxfit import hparams
 from nnxfit.callbacks.monitor import announce
 
 # name -> whether nnxfit writes it as a folder (True) or a file (False).
@@ -33,7 +36,13 @@ RUN_FILES = {
     "tensorboard": True,
     "plots": True,
     "profile": True,
+    "hparams.yaml": False,
 }
+# Stores that hold many runs stay at the top of the workdir, shared by every version: MLflow's
+# ``mlruns`` (one experiment, a run per fit, compared in ``mlflow ui``) and W&B's ``wandb``
+# (an ``offline-run-*`` folder per fit). Each fit is a new run in them; a resumed fit
+# continues its own.
+SHARED_STORES = ("mlruns", "wandb")
 RUN_PREFIXES = ("checkpoints.previous-", "checkpoints.corrupt-")
 VERSION = re.compile(r"^version_(\d+)$")
 
@@ -57,6 +66,7 @@ def begin_run(trainer, refit: bool) -> None:
         )
     if trainer.resumed_from is None:
         new_version(trainer)
+    hparams.write_file(trainer)  # workdir/hparams.yaml, after an earlier run's moved away
 
 
 def run_files(trainer) -> list[str]:
@@ -80,7 +90,7 @@ def run_files(trainer) -> list[str]:
                 kinds[parts[0]] = len(parts) > 1 or attr != "filename"
     found = []
     for name in sorted(os.listdir(workdir)):
-        if VERSION.match(name):
+        if VERSION.match(name) or name in SHARED_STORES:
             continue
         path = os.path.join(workdir, name)
         if name.startswith(RUN_PREFIXES) and os.path.isdir(path):

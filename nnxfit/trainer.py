@@ -48,6 +48,7 @@ import numpy as np
 from nnxfit import evaluate, interrupt, loop
 from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
 from nnxfit.callbacks.defaults import default_callbacks, module_callbacks
+from nnxfit.callbacks.merge import merge_callbacks
 from nnxfit.carry import FitCarry, wait_ready
 from nnxfit.config import PRECISIONS, TrainerConfig, expose_options  # noqa: F401 (PRECISIONS)
 from nnxfit.data import BatchSpec, check_reiterable, first_batch, take_batches
@@ -212,8 +213,9 @@ class Trainer(FitView, FitState, EvalAPI):
             train_data = take_batches(train_data, self.overfit_batches)
             val_data = train_data if has_validation_step(module) else None
         user = self.callbacks
+        # A module's callback replaces the Trainer's of its type (Lightning's rule).
         self.cb = CallbackList(
-            default_callbacks(self.config, user) + user + module_callbacks(module)
+            merge_callbacks(default_callbacks(self.config, user) + user, module_callbacks(module))
         )
         # One fit per workdir, from before a checkpoint is read until the last one is written.
         with lock_workdir(self):

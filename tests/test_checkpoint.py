@@ -201,6 +201,7 @@ def test_weights_only_checkpoints_load_but_do_not_resume(tmp_path):
     assert sorted(p for p in os.listdir(step_dir) if not p.startswith(("_", "commit"))) == [
         "meta",
         "module",
+        "nnxfit_manifest.json",
     ]
     fresh = child.make_module(seed=5)
     assert load_checkpoint(fresh, step_dir).step == 7

@@ -13,7 +13,7 @@ from models import Classifier, toy_data
 import nnxfit
 from nnxfit import cli
 from nnxfit.data import ArrayLoader
-from nnxfit.plot import PlotError, plot_run, read_families
+from nnxfit.plot import PlotError, find_runs, plot_compare, plot_run, read_families
 
 X, Y = toy_data(96)
 ORANGE = np.array([1.0, 0.498, 0.055])  # matplotlib "C1": validation curves
@@ -148,3 +148,54 @@ def test_cli_help_lists_the_plot_command(capsys):
 def test_csv_path_works_as_the_argument(run_dir, tmp_path):
     paths = plot_run(run_dir / "metrics.csv", out_dir=tmp_path)
     assert [p.name for p in paths] == ["loss.png", "accuracy.png", "overview.png"]
+
+
+GREEN = np.array([0.173, 0.627, 0.173])  # "C2": a third run
+
+
+def write_run(folder, losses, lr):
+    folder.mkdir(parents=True)
+    lines = ["step,epoch,kind,loss,val_loss"]
+    for i, v in enumerate(losses):
+        lines += [f"{4 * i + 2},{i},train,{v * 1.1},", f"{4 * i + 4},{i},epoch,{v},{v * 1.2}"]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    (folder / "hparams.yaml").write_text(f"lr: {lr}\nwidth: 16\n")
+
+
+def test_compare_draws_each_run_in_a_colour_of_its_own(tmp_path):
+    write_run(tmp_path / "runs" / "a", [1.0, 0.6, 0.4, 0.3], lr=0.1)
+    write_run(tmp_path / "runs" / "b", [1.2, 0.9, 0.8, 0.75], lr=0.2)
+    runs = find_runs([tmp_path / "runs" / "a", tmp_path / "runs" / "b" / "metrics.csv"])
+    # Labelled by folder and the hyperparameters that differ (width is the same).
+    assert [r.label for r in runs] == ["a (lr=0.1)", "b (lr=0.2)"]
+
+    out = plot_compare([tmp_path / "runs" / "a", tmp_path / "runs" / "b"], tmp_path / "c.png")
+    assert out == tmp_path / "c.png"
+    img = imread(out)
+    assert img.shape[0] > 400 and img.shape[1] > 800  # two panels: loss, val_loss
+    assert pixels_near(img, BLUE) > 300 and pixels_near(img, ORANGE) > 300
+    assert pixels_near(img, GREEN) < 20  # two runs, two colours
+
+
+def test_a_workdir_with_versions_plots_all_its_runs(tmp_path):
+    for seed in (0, 1):  # the second fit moves the first to version_0
+        nnxfit.Trainer(max_epochs=2, workdir=tmp_path, progress_bar=False, log_every_n_steps=2).fit(
+            Classifier(seed=seed), ArrayLoader((X, Y), 16), val_data=ArrayLoader((X, Y), 32)
+        )
+    paths = plot_run(tmp_path)
+    assert paths[-1] == tmp_path / "plots" / "runs.png"
+    assert [r.label for r in find_runs([tmp_path])] == [
+        "version_0",
+        f"{tmp_path.name} (latest)",
+    ]
+    img = imread(paths[-1])
+    assert pixels_near(img, BLUE) > 300 and pixels_near(img, ORANGE) > 300
+
+    r = subprocess.run(  # the command line, with the output file named
+        [sys.executable, "-m", "nnxfit", "plot", "--compare", str(tmp_path / "version_0"),
+         str(tmp_path), "--out", str(tmp_path / "both.png")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / "both.png")]
+    assert imread(tmp_path / "both.png").shape == img.shape  # the same runs, the same figure

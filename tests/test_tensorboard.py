@@ -173,3 +173,67 @@ def test_two_fits_within_a_second_get_their_own_files_in_order(tmp_path):
     files = sorted(os.listdir(tmp_path / "tensorboard"))
     assert len(files) == 2
     assert scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 2.0)]  # the later one wins
+
+
+class Tuned(Classifier):
+    def __init__(self, *, lr=1e-2, width=16):
+        super().__init__(lr=lr)
+        self.save_hyperparameters()
+
+
+def test_hparams_tab_compares_the_versions_of_a_run(tmp_path):
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    for lr in (0.02, 0.05):  # the second fit moves the first to version_0
+        trainer = nnxfit.Trainer(
+            max_epochs=1, workdir=tmp_path, progress_bar=False, callbacks=[TensorBoardLogger()]
+        )
+        trainer.fit(Tuned(lr=lr), data())
+
+    mux = EventMultiplexer()  # what `tensorboard --logdir WORKDIR` reads
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    runs = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    scalar_tags = mux.PluginRunToTagToContent("scalars")
+    assert set(runs) == {"tensorboard", os.path.join("version_0", "tensorboard")}
+    seen = {}
+    for run, tags in runs.items():
+        start = HParamsPluginData.FromString(tags[metadata.SESSION_START_INFO_TAG])
+        hp = start.session_start_info.hparams
+        seen[run] = hp["lr"].number_value
+        assert hp["width"].number_value == 16 and hp["trainer.max_epochs"].number_value == 1
+        assert hp["trainer.precision"].string_value == "float32"
+        end = HParamsPluginData.FromString(tags[metadata.SESSION_END_INFO_TAG])
+        assert end.session_end_info.status == 1  # STATUS_SUCCESS
+        # The tab's metrics are the run's scalar tags.
+        assert "epoch/loss" in scalar_tags[run]
+    assert seen == {"tensorboard": 0.05, os.path.join("version_0", "tensorboard"): 0.02}
+
+
+def test_a_row_is_one_event_holding_all_its_scalars(tmp_path):
+    """An event per row, not per scalar: each event is a record whose checksums tensorboardX
+    computes in pure Python on the loop's thread (tens of microseconds each)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    trainer = nnxfit.Trainer(
+        max_epochs=2,
+        progress_bar=False,
+        log_every_n_steps=2,
+        callbacks=[TensorBoardLogger(tmp_path)],
+    )
+    trainer.fit(Classifier(), data(), val_data=ArrayLoader((X, Y), 32))
+    (name,) = [n for n in os.listdir(tmp_path) if n.startswith("events")]
+    rows = []
+    for event in EventFileLoader(str(tmp_path / name)).Load():
+        tags = [v.tag for v in event.summary.value]
+        if any(t.split("/")[0] in ("train", "epoch", "val") for t in tags):
+            rows.append((event.step, sorted(tags)))
+    epoch = ["epoch/accuracy", "epoch/loss", "val/accuracy", "val/loss"]
+    assert rows == [
+        *[(s, ["train/accuracy", "train/loss"]) for s in (2, 4, 6)],
+        (6, epoch),
+        *[(s, ["train/accuracy", "train/loss"]) for s in (8, 10, 12)],
+        (12, epoch),
+    ]

@@ -8,6 +8,7 @@ from nnxfit.callbacks.early_stopping import EarlyStopping
 from nnxfit.callbacks.grad_norm import GradNormMonitor, GradNormWarning
 from nnxfit.callbacks.lambda_callback import LambdaCallback
 from nnxfit.callbacks.lr_monitor import LearningRateMonitor, LearningRateWarning
+from nnxfit.callbacks.mlflow_logger import MLflowLogger
 from nnxfit.callbacks.monitor import Monitor
 from nnxfit.callbacks.nan_guard import NaNGuard, NonFiniteWarning
 from nnxfit.callbacks.profiler import Profiler
@@ -16,6 +17,8 @@ from nnxfit.callbacks.reduce_lr import ReduceLROnPlateau
 from nnxfit.callbacks.summary import ModelSummary, summarize
 from nnxfit.callbacks.tensorboard import TensorBoardLogger
 from nnxfit.callbacks.throughput import DataBottleneckWarning, ThroughputMonitor
+from nnxfit.callbacks.wandb_logger import WandbLogger
+from nnxfit.callbacks.writer import LoggerCallback, Row, RunStart, RunWriter
 
 __all__ = [
     "Callback",
@@ -29,6 +32,8 @@ __all__ = [
     "LambdaCallback",
     "LearningRateMonitor",
     "LearningRateWarning",
+    "LoggerCallback",
+    "MLflowLogger",
     "ModelCheckpoint",
     "ModelSummary",
     "Monitor",
@@ -38,7 +43,11 @@ __all__ = [
     "ProgressBar",
     "RecompileWarning",
     "ReduceLROnPlateau",
+    "Row",
+    "RunStart",
+    "RunWriter",
     "TensorBoardLogger",
     "ThroughputMonitor",
+    "WandbLogger",
     "summarize",
 ]

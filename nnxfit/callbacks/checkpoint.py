@@ -31,6 +31,14 @@ Saves run in orbax's background thread; the loop waits for the disk only on inte
 at the end of fit (on every exit path: an exit without closing the manager loses the save).
 After an exception nothing new is written; the last complete checkpoint stays.
 
+Integrity (``nnxfit.checkpoint_writer``, ``nnxfit.integrity``): every checkpoint carries the
+size and CRC-32 of each of its files, written before orbax's commit; the commit of a step save
+waits until every callback's hook of that step ran (its CSV row is on disk first). A save whose
+background write fails is reported once, as a ``CheckpointError`` naming its step and why
+("disk full"), at the next hook. A state with a non-finite parameter or optimizer value is
+never saved: the save is skipped with one ``CheckpointWarning`` naming the step, so the last
+finite checkpoint is never rotated away for it (one fused check per save, none per step).
+
 At fit start, checkpoints that belong to another run are moved (never deleted) to
 ``<dir>.previous-<time>/``: all of them for a fresh fit, those newer than the resume point
 for a resumed one. Leftover ``*.orbax-checkpoint-tmp`` folders of killed saves are removed.
@@ -50,13 +58,14 @@ from typing import Any
 from nnxfit.callbacks.base import Callback
 from nnxfit.callbacks.monitor import MODES, Monitor, known_metrics  # noqa: F401 (re-exported)
 from nnxfit.checkpoint import (
+    CheckpointWarning,
     ResumeWarning,
     list_steps,
     move_aside,
-    open_manager,
     read_meta,
-    save_state,
+    state_is_finite,
 )
+from nnxfit.checkpoint_writer import Writer
 from nnxfit.errors import CheckpointError, ConfigError, positive_int
 from nnxfit.interrupt import notice
 from nnxfit.warn import warn
@@ -123,7 +132,10 @@ class ModelCheckpoint(Callback):
         self.best_model_score: float | None = None
         self.best_model_step: int | None = None
         self.last_saved_step: int | None = None
-        self._manager = None
+        self._writer: Writer | None = None
+        self._manager = None  # the writer's orbax CheckpointManager
+        self._undo: tuple | None = None  # best/last before the save in flight
+        self._refused_at: int | None = None  # first step whose non-finite state was not saved
         self._pending: dict | None = None  # a save waiting for the epoch end to finish
         self._seen_step = 0
         self._failed = False
@@ -163,6 +175,7 @@ class ModelCheckpoint(Callback):
     def on_fit_start(self, trainer, module) -> None:
         self._close()  # a manager left open by an earlier fit of this callback
         self._pending, self._failed, self._interrupted = None, False, False
+        self._undo = self._refused_at = None
         self._seen_step = trainer.global_step
         if trainer.fast_dev_run:  # a smoke test writes nothing
             return
@@ -174,19 +187,21 @@ class ModelCheckpoint(Callback):
                 f"ModelCheckpoint directory {directory} is a file; remove it or pass another "
                 "dirname/workdir."
             )
+        check_one_writer_per_directory(trainer)
         if trainer.resumed_from is None:
             self.best_model_score = self.best_model_step = self.last_saved_step = None
         self.directory = directory
         if trainer.is_global_zero:
             self._move_foreign_checkpoints(trainer)
         try:
-            self._manager = open_manager(
+            self._writer = Writer(
                 directory,
                 monitor=self.monitor,
                 mode=self.mode,
                 keep=self._policy(during_fit=True),
                 compress=self.compress,
             )
+            self._manager = self._writer.manager
         except (OSError, ValueError) as e:
             raise ConfigError(
                 f"ModelCheckpoint cannot use {directory}: {e}. Pass a writable Trainer workdir."
@@ -202,6 +217,7 @@ class ModelCheckpoint(Callback):
     def on_train_batch_end(self, trainer, module, step: int, logs: dict) -> None:
         if self._manager is None:
             return
+        self._settle()
         n, prev = self.every_n_steps, self._seen_step
         self._seen_step = step
         if n is None or step // n == prev // n:
@@ -210,23 +226,29 @@ class ModelCheckpoint(Callback):
             # The epoch end follows this call: save after it, as the next epoch's start.
             self._pending = self._pending or {"metrics": {}}
             return
-        self._save(trainer, dict(trainer.logged_metrics))
+        # Committed only once the other callbacks ran this step's hooks (its CSV row).
+        self._save(trainer, dict(trainer.logged_metrics), hold=True)
 
     def on_train_epoch_end(self, trainer, module, epoch: int, logs: dict) -> None:
         if self._manager is None:
             return
+        self._settle()
         due = self.every_n_steps is None or self.every_n_epochs is not None
         due = due and (self.every_n_epochs is None or (epoch + 1) % self.every_n_epochs == 0)
         if due or self._pending is not None:
             self._pending = {"metrics": dict(logs)}
 
     def on_train_epoch_start(self, trainer, module, epoch: int) -> None:
+        if self._manager is None:
+            return
+        self._settle()
         self._flush_pending(trainer)
 
     def on_interrupt(self, trainer, module) -> None:
         self._interrupted = True
         if self._manager is None:
             return
+        self._settle()
         self._flush_pending(trainer)
         saved = self._save(trainer, {})
         self._wait()
@@ -236,10 +258,13 @@ class ModelCheckpoint(Callback):
 
     def on_exception(self, trainer, module, error: BaseException) -> None:
         self._failed = True  # keep the last complete checkpoint; write nothing new
+        if self._writer is not None:
+            self._writer.release()
 
     def on_fit_end(self, trainer, module) -> None:
         if self._manager is None:
             return
+        self._writer.release()
         error = None
         try:
             if not (self._failed or self._interrupted):
@@ -275,33 +300,64 @@ class ModelCheckpoint(Callback):
             pending, self._pending = self._pending, None
             self._save(trainer, pending["metrics"])
 
-    def _save(self, trainer, metrics: dict) -> bool:
+    def _save(self, trainer, metrics: dict, hold: bool = False) -> bool:
         step = trainer.checkpoint_step  # the step of the state saved (resume_point.py)
+        self._wait()  # the previous save: its failure is reported as its own, not this one's
         if trainer.is_global_zero:
             self._move_undone(trainer, step)
         if step in self._manager.all_steps() or step in list_steps(self.directory):
             return False  # never twice: orbax would delete every newer checkpoint
+        if not state_is_finite(trainer):
+            self._refuse(step)
+            return False
+        self._undo = (self.best_model_score, self.best_model_step, self.last_saved_step)
         score = self._score(metrics)
         if score is not None and self.save_top_k != 0 and self._better(score):
             self.best_model_score, self.best_model_step = score, step
         self.last_saved_step = step
+        return self._guarded(
+            self._writer.save,
+            trainer,
+            step,
+            hold=hold,
+            metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            monitor=self.monitor,
+            mode=self.mode,
+            weights_only=self.save_weights_only,
+        )
+
+    def _refuse(self, step: int) -> None:
+        """A non-finite state is never written (a NaN checkpoint would rotate the last good
+        one away and be what a resume loads); said once per fit."""
+        if self._refused_at is not None:
+            return
+        self._refused_at = step
+        kept = self.last_model_path or "none was saved in this fit"
+        warnings.warn(
+            f"ModelCheckpoint: the state at step {step} has a non-finite (NaN or inf) parameter "
+            "or optimizer value; it was not saved, nor will be any later non-finite state. "
+            f"The last finite checkpoint is kept: {kept}. Attach NaNGuard to stop or skip such "
+            "steps.",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+
+    def _settle(self) -> None:
+        """At every hook: the save taken at an earlier step may commit now, and a save whose
+        background write has failed is reported (once, under its own step)."""
+        self._writer.release()
+        self._guarded(self._writer.poll)
+
+    def _guarded(self, call, *args, **kwargs):
+        """Runs a writer call; when a save failed, best/last go back to what they were
+        before it."""
         try:
-            saved = save_state(
-                self._manager,
-                trainer,
-                step,
-                metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
-                monitor=self.monitor,
-                mode=self.mode,
-                weights_only=self.save_weights_only,
-            )
-        except Exception as e:
-            self._manager.reload()  # orbax's list of steps is stale after a failed save
-            raise CheckpointError(
-                f"ModelCheckpoint could not save step {step} to {self.directory}: {e}. The "
-                "previous complete checkpoints are kept."
-            ) from e
-        return saved
+            return call(*args, **kwargs)
+        except CheckpointError:
+            if self._undo is not None:
+                self.best_model_score, self.best_model_step, self.last_saved_step = self._undo
+                self._undo = None
+            raise
 
     def _score(self, metrics: dict) -> float | None:
         if self.monitor is None:
@@ -316,33 +372,25 @@ class ModelCheckpoint(Callback):
         return self._monitor.is_better(score, self.best_model_score)
 
     def _wait(self) -> None:
-        try:
-            self._manager.wait_until_finished()
-        except Exception as e:
-            self._manager.reload()
-            raise CheckpointError(
-                f"ModelCheckpoint: writing a checkpoint to {self.directory} failed: {e}. The "
-                "previous complete checkpoints are kept."
-            ) from e
+        self._guarded(self._writer.wait)
+        self._undo = None  # committed
 
     def _close(self) -> Exception | None:
         """Waits for the pending save and closes the manager; returns (not raises) a
         failure, so that it never hides an error already on its way to the caller."""
-        manager, self._manager = self._manager, None
-        if manager is None:
+        writer, self._writer, self._manager = self._writer, None, None
+        if writer is None:
             return None
-        error = None
-        for step in (manager.wait_until_finished, manager.close):
-            try:
-                step()
-            except Exception as e:
-                error = error or e
-        if error is None:
-            return None
-        return CheckpointError(
-            f"ModelCheckpoint: writing a checkpoint to {self.directory} failed: {error}. The "
-            "previous complete checkpoints are kept."
-        )
+        try:
+            self._guarded(writer.close)
+        except CheckpointError as e:
+            return e
+        except Exception as e:
+            return CheckpointError(
+                f"ModelCheckpoint: closing the checkpoints of {self.directory} failed: {e}. The "
+                "previous complete checkpoints are kept."
+            )
+        return None
 
     # -- retention ------------------------------------------------------------------------
     def _policy(self, during_fit: bool):
@@ -427,3 +475,19 @@ class ModelCheckpoint(Callback):
     def _check_monitor(self, trainer) -> None:
         """Before training: a typo found after the first epoch may cost hours."""
         self._monitor.check_fit(trainer, self)
+
+
+def check_one_writer_per_directory(trainer) -> None:
+    """Two ModelCheckpoints saving into one folder would delete each other's checkpoints and
+    crash orbax mid-save: a ``ConfigError`` before anything is read or written."""
+    seen: dict[str, ModelCheckpoint] = {}
+    for cb in trainer.cb:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        directory = cb.resolve_directory(trainer)
+        other = seen.setdefault(directory, cb)
+        if other is not cb:
+            raise ConfigError(
+                f"two ModelCheckpoints write to {directory}: {other!r} and {cb!r}. Keep one, or "
+                "give each its own dirname (e.g. ModelCheckpoint(dirname='best'))."
+            )

@@ -27,8 +27,9 @@ a fresh file, as Keras's ``CSVLogger`` does by default: its steps restart at 0, 
 one file would make every curve drawn from it wrong. ``append=False`` starts a fresh file
 even on resume.
 
-The file is flushed at every epoch end and on interruption, so a crash loses at most the
-current epoch's train rows; only process 0 writes.
+The file is flushed at every epoch end, on interruption and whenever a checkpoint is taken
+(with the row of the checkpoint's step), so a crash loses only rows a resume writes again;
+only process 0 writes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import math
 import os
 from typing import IO, Any
 
-from nnxfit.callbacks.base import Callback
+from nnxfit.callbacks.writer import LoggerCallback, Row, RunStart, RunWriter
 from nnxfit.errors import ConfigError
 from nnxfit.warn import warn
 
@@ -46,7 +47,7 @@ BASE_COLUMNS = ("step", "epoch", "kind")
 _RESERVED = frozenset(BASE_COLUMNS)
 
 
-class CSVLogger(Callback):
+class CSVLogger(LoggerCallback):
     """Writes ``workdir/filename`` (``metrics.csv``): one row per train log and per epoch end.
 
     ``filename`` is relative to the Trainer's ``workdir`` (or the current directory when the
@@ -55,33 +56,56 @@ class CSVLogger(Callback):
     pass your own instance to change its options.
     """
 
-    order = 95  # after the callbacks that add to the logs
-    records_only = True
-
     def __init__(self, filename: str | os.PathLike = "metrics.csv", append: bool = True):
+        super().__init__()
         self.filename = os.fspath(filename)
         if not self.filename:
             raise ConfigError("CSVLogger filename is empty; pass e.g. 'metrics.csv'.")
         self.append = bool(append)
         self.path: str | None = None
+        self._warned_reserved = False
+
+    def make_writer(self, trainer, kind: str) -> RunWriter:
+        self.path = None
+        return _CSVWriter(self, os.path.join(trainer.workdir or "", self.filename))
+
+    def opened(self, writer: RunWriter) -> None:
+        self.path = writer.path
+
+    def state_dict(self) -> dict:
+        """A checkpoint asks for it as it is taken: the rows written so far must reach the
+        disk before the checkpoint does (a SIGKILL after it would lose them for good, since a
+        resume never logs those steps again), and so must this step's row, written after the
+        checkpoint's hook (see ``order``)."""
+        if isinstance(self._writer, _CSVWriter):
+            self._writer.flush()
+            self._writer.flush_next = True
+        return super().state_dict()
+
+    def __repr__(self) -> str:
+        return f"CSVLogger(filename={self.filename!r}, append={self.append})"
+
+
+class _CSVWriter(RunWriter):
+    """One ``metrics.csv``, written inline (buffered by the file; flushed at epoch ends)."""
+
+    def __init__(self, logger: CSVLogger, path: str):
+        self.logger = logger
+        self.path = path
         self._columns: list[str] = list(BASE_COLUMNS)
         self._file: IO[str] | None = None
         self._writer: Any = None
-        self._warned_reserved = False
+        self.flush_next = False  # a checkpoint was taken at this step: flush its row
 
-    # -- hooks ----------------------------------------------------------------------------
-    def on_fit_start(self, trainer, module) -> None:
-        self._close()
-        self.path = None
-        if not trainer.is_global_zero:
-            return
-        path = os.path.join(trainer.workdir or "", self.filename)
+    def open(self, start: RunStart) -> None:
+        path, info = self.path, start.resume
         columns, rows = list(BASE_COLUMNS), []
-        info = trainer.resume_info
-        if info is not None and self.append and os.path.exists(path):
+        if start.kind == "test":  # appended to what is there (the file is created if none)
+            if os.path.exists(path):
+                columns, rows = _read_rows(path)
+        elif info is not None and self.logger.append and os.path.exists(path):
             columns, rows = _read_rows(path)
-            rows = _rows_before(rows, columns, info.log_step, trainer.current_epoch)
-        self.path = path
+            rows = _rows_before(rows, columns, info.log_step, start.epoch)
         self._columns = columns
         try:
             parent = os.path.dirname(path)
@@ -89,56 +113,32 @@ class CSVLogger(Callback):
                 os.makedirs(parent, exist_ok=True)
             self._rewrite(rows)
         except OSError as e:
-            self.path = None
             raise ConfigError(
                 f"CSVLogger cannot write {path!r}: {e.strerror or e}. Pass a writable Trainer "
                 "workdir (or an absolute CSVLogger filename in a writable folder)."
             ) from e
 
-    def on_train_batch_end(self, trainer, module, step: int, logs: dict) -> None:
-        if logs and self._file is not None:
-            self._write(step, trainer.current_epoch, "train", logs)
+    def write(self, rows: list[Row]) -> None:
+        for r in rows:
+            self._write(r.step, r.epoch, r.kind, r.metrics)
+        if self.flush_next:
+            self.flush_next = False
+            self.flush()
 
-    def on_train_epoch_end(self, trainer, module, epoch: int, logs: dict) -> None:
-        if self._file is not None:
-            self._write(trainer.global_step, epoch, "epoch", logs)
-            self._file.flush()
-
-    def on_test_end(self, trainer, module, logs: dict) -> None:
-        """Appends one ``kind="test"`` row (widening the header if needed); the file is
-        created if no fit wrote it."""
-        if not trainer.is_global_zero or trainer.fast_dev_run:
-            return
-        if self._file is not None:  # test inside a fit: the file is open
-            self._write(trainer.global_step, trainer.current_epoch, "test", logs)
-            self._file.flush()
-            return
-        path = os.path.join(trainer.workdir or "", self.filename)
-        self.path = path
-        self._columns, rows = _read_rows(path) if os.path.exists(path) else (list(BASE_COLUMNS), [])
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        self._rewrite(rows)
-        try:
-            self._write(trainer.global_step, trainer.current_epoch, "test", logs)
-        finally:
-            self._close()
-
-    def on_interrupt(self, trainer, module) -> None:
+    def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
 
-    def on_exception(self, trainer, module, error: BaseException) -> None:
-        self._close()
+    def close(self, status: str | None) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._writer = None
 
-    def on_fit_end(self, trainer, module) -> None:
-        self._close()
-
-    # -- writing --------------------------------------------------------------------------
     def _write(self, step: int, epoch: int, kind: str, logs: dict) -> None:
-        if not self._warned_reserved and not _RESERVED.isdisjoint(logs):
-            self._warned_reserved = True
+        logger = self.logger
+        if not logger._warned_reserved and not _RESERVED.isdisjoint(logs):
+            logger._warned_reserved = True
             warn(
                 f"CSVLogger: metric name(s) {sorted(_RESERVED.intersection(logs))} clash with "
                 f"the columns {list(BASE_COLUMNS)} and are not written; rename them.",
@@ -171,15 +171,6 @@ class CSVLogger(Callback):
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
-
-    def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._writer = None
-
-    def __repr__(self) -> str:
-        return f"CSVLogger(filename={self.filename!r}, append={self.append})"
 
 
 def _cell(value: Any) -> str:

@@ -40,67 +40,87 @@ import re
 import time
 from typing import Any
 
-from nnxfit.callbacks.base import Callback
+from nnxfit.callbacks.writer import (
+    FINISHED,
+    LoggerCallback,
+    Row,
+    RunStart,
+    RunWriter,
+    default_dir,
+)
 from nnxfit.errors import ConfigError
 
 
-class TensorBoardLogger(Callback):
+class TensorBoardLogger(LoggerCallback):
     """Writes scalars to ``log_dir`` (default ``workdir/tensorboard``).
 
-    View with ``tensorboard --logdir WORKDIR/tensorboard``.
+    View with ``tensorboard --logdir WORKDIR/tensorboard``; ``tensorboard --logdir WORKDIR``
+    shows every version of the run (``version_N/tensorboard``) too, and the HParams tab
+    compares them.
     """
 
-    order = 95  # after the callbacks that add to the logs
-    records_only = True
-
     def __init__(self, log_dir: str | os.PathLike | None = None):
+        super().__init__()
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
         self.path: str | None = None  # folder of the current (or last) fit
+
+    def make_writer(self, trainer, kind: str) -> RunWriter:
+        log_dir = self.log_dir
+        if log_dir is None:
+            log_dir = default_dir(
+                trainer, "tensorboard", "TensorBoardLogger", "TensorBoardLogger(log_dir=...)"
+            )
+        return _TBWriter(log_dir)
+
+    def opened(self, writer: RunWriter) -> None:
+        self.path = writer.log_dir
+
+    def __repr__(self) -> str:
+        return f"TensorBoardLogger(log_dir={self.log_dir!r})"
+
+
+class _TBWriter(RunWriter):
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
         self._file: _EventFile | None = None
         self._layout_written = False
 
-    def on_fit_start(self, trainer, module) -> None:
-        self._close()
-        if not trainer.is_global_zero:
-            return
-        log_dir = self.log_dir
-        if log_dir is None:
-            if trainer.workdir is None:
-                raise ConfigError(
-                    "TensorBoardLogger has no folder to write to: pass "
-                    "TensorBoardLogger(log_dir=...) or set Trainer(workdir=...)."
-                )
-            log_dir = os.path.join(trainer.workdir, "tensorboard")
-        self._layout_written = False
-        info = trainer.resume_info
-        purge = info.superseded_from if info is not None else 0
+    def open(self, start: RunStart) -> None:
+        info = start.resume
+        # A test alone appends to the folder without hiding anything (no purge marker).
+        purge = None if start.kind == "test" else (info.superseded_from if info else 0)
         try:
-            os.makedirs(log_dir, exist_ok=True)
-            self._file = _EventFile(log_dir, purge)
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._file = _EventFile(self.log_dir, purge)
+            if start.kind == "fit":
+                self._file.hparams(start.all_params(), start.step)
             # What the purge hid of the run the resumed one continues (a partial epoch end,
             # an off-grid last log go) is written again: its last train log and epoch end.
             if info is not None and info.log_step >= purge and info.logs:
-                self.on_train_batch_end(trainer, module, info.log_step, info.logs)
+                self._train(info.log_step, info.logs)
             if info is not None and info.epoch_end and info.epoch_end[0] >= purge:
-                self._epoch_scalars(info.epoch_end[1], info.epoch_end[0])
+                self._epoch(info.epoch_end[1], info.epoch_end[0])
         except OSError as e:
             raise ConfigError(
-                f"TensorBoardLogger cannot write to {log_dir!r}: {e.strerror or e}. Pass a "
-                "writable log_dir or Trainer workdir."
+                f"TensorBoardLogger cannot write to {self.log_dir!r}: {e.strerror or e}. Pass "
+                "a writable log_dir or Trainer workdir."
             ) from e
-        self.path = log_dir
 
-    def on_train_batch_end(self, trainer, module, step: int, logs: dict) -> None:
-        if logs and self._file is not None:
-            self._file.scalars({f"train/{k}": v for k, v in logs.items()}, step)
+    def write(self, rows: list[Row]) -> None:
+        for r in rows:
+            if r.kind == "train":
+                self._train(r.step, r.metrics)
+            elif r.kind == "epoch":
+                self._epoch(r.metrics, r.step)
+            else:
+                self._file.scalars(
+                    {f"test/{_strip(k, 'test_')}": v for k, v in r.metrics.items()}, r.step
+                )
 
-    def on_train_epoch_end(self, trainer, module, epoch: int, logs: dict) -> None:
-        if self._file is None:
-            return
-        self._epoch_scalars(logs, trainer.global_step)
-        self._file.flush()
+    def _train(self, step: int, logs: dict) -> None:
+        self._file.scalars({f"train/{k}": v for k, v in logs.items()}, step)
 
-    def _epoch_scalars(self, logs: dict, step: int) -> None:
+    def _epoch(self, logs: dict, step: int) -> None:
         tags = {
             (f"val/{k[4:]}" if k.startswith("val_") else f"epoch/{k}"): v for k, v in logs.items()
         }
@@ -109,23 +129,20 @@ class TensorBoardLogger(Callback):
             self._file.layout(train_vs_val(logs), step)
             self._layout_written = True
 
-    def on_interrupt(self, trainer, module) -> None:
+    def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
 
-    def on_exception(self, trainer, module, error: BaseException) -> None:
-        self._close()
-
-    def on_fit_end(self, trainer, module) -> None:
-        self._close()
-
-    def _close(self) -> None:
+    def close(self, status: str | None) -> None:
         if self._file is not None:
+            if status is not None:
+                self._file.session_end(status)
             self._file.close()
             self._file = None
 
-    def __repr__(self) -> str:
-        return f"TensorBoardLogger(log_dir={self.log_dir!r})"
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if name.startswith(prefix) else name
 
 
 LAYOUT_CATEGORY = "train vs val"
@@ -146,35 +163,95 @@ def train_vs_val(logs: dict) -> dict:
 class _EventFile:
     """One event file written inline with tensorboardX's record writer and protos."""
 
-    def __init__(self, log_dir: str, purge_step: int):
+    def __init__(self, log_dir: str, purge_step: int | None):
         # Imported here: tensorboardX and protobuf take ~2 s to import.
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
-        from tensorboardX.summary import custom_scalars, scalar
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import _clean_tag, custom_scalars
 
-        self._event, self._scalar, self._custom_scalars = Event, scalar, custom_scalars
+        self._event, self._summary, self._custom_scalars = Event, Summary, custom_scalars
+        self._clean_tag, self._tags = _clean_tag, {}
         suffix = f".{time.time_ns():019d}"
         self._writer = EventsWriter(os.path.join(log_dir, "events"), suffix)  # + file_version
-        start = SessionLog(status=SessionLog.START)
-        self._writer.write_event(Event(wall_time=time.time(), step=purge_step, session_log=start))
+        if purge_step is not None:
+            start = SessionLog(status=SessionLog.START)
+            event = Event(wall_time=time.time(), step=purge_step, session_log=start)
+            self._writer.write_event(event)
 
     def scalars(self, values: dict[str, Any], step: int) -> None:
-        now = time.time()
+        # One event per row, its summary holding every value (TensorBoard reads them all):
+        # each event costs a record whose checksums tensorboardX computes in pure Python, tens
+        # of microseconds on the loop's thread, so a row is one record, not one per scalar.
+        items = []
         for tag, value in values.items():
             try:
                 x = float(value)
             except (TypeError, ValueError):
                 continue  # not a scalar: nothing TensorBoard can chart
-            event = self._event(wall_time=now, step=int(step), summary=self._scalar(tag, x))
-            self._writer.write_event(event)
+            clean = self._tags.get(tag)
+            if clean is None:
+                clean = self._tags[tag] = self._clean_tag(tag)
+            items.append(self._summary.Value(tag=clean, simple_value=x))
+        if items:
+            summary = self._summary(value=items)
+            self._writer.write_event(
+                self._event(wall_time=time.time(), step=int(step), summary=summary)
+            )
 
     def layout(self, layout: dict, step: int) -> None:
         event = self._event(wall_time=time.time(), step=int(step))
         event.summary.CopyFrom(self._custom_scalars(layout))
         self._writer.write_event(event)
 
+    def hparams(self, params: dict, step: int) -> None:
+        """The HParams tab's session start: the hyperparameters, flattened (``trainer.seed``);
+        its metrics are this folder's scalar tags (no experiment summary is written, so runs
+        with different hyperparameter names still compare side by side)."""
+        from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionStartInfo
+
+        from nnxfit.hparams import flatten
+
+        info = SessionStartInfo(start_time_secs=time.time())
+        for k, v in flatten(params).items():
+            if isinstance(v, bool):
+                info.hparams[k].bool_value = v
+            elif isinstance(v, int | float):
+                info.hparams[k].number_value = float(v)
+            else:
+                info.hparams[k].string_value = "None" if v is None else str(v)
+        self._plugin(SESSION_START_TAG, HParamsPluginData(session_start_info=info), step)
+
+    def session_end(self, status: str) -> None:
+        """The HParams tab's session status. Only a finished fit writes one: TensorBoard keeps
+        the first a folder holds, and a failed or interrupted fit is usually resumed."""
+        from tensorboardX.proto.api_pb2 import Status
+        from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
+
+        if status != FINISHED:
+            return
+        end = SessionEndInfo(status=Status.Value("STATUS_SUCCESS"), end_time_secs=time.time())
+        self._plugin(SESSION_END_TAG, HParamsPluginData(session_end_info=end), 0)
+
+    def _plugin(self, tag: str, content, step: int) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+
+        meta = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(
+                plugin_name="hparams", content=content.SerializeToString()
+            )
+        )
+        summary = Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+        self._writer.write_event(
+            self._event(wall_time=time.time(), step=int(step), summary=summary)
+        )
+
     def flush(self) -> None:
         self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
+
+
+SESSION_START_TAG = "_hparams_/session_start_info"
+SESSION_END_TAG = "_hparams_/session_end_info"

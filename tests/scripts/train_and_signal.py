@@ -15,6 +15,12 @@ Usage: python train_and_signal.py MODE WORKDIR [OUT]
   after the save of step 8 has started writing (its tmp folder exists), SIGKILLs itself.
 * ``resume``: ``fit(..., resume=True)``, writes the final train state to OUT (.npz) and the
   History to OUT.json (``big=1`` as 4th argument: the 64 MiB module of ``killsave``).
+* ``killcsv``: ``ModelCheckpoint(every_n_steps=3)`` with rows logged every 3 steps; at step
+  ``CSV_KILL_STEP``, once the checkpoint of the step before is committed, SIGKILLs itself
+  (after the CSVLogger's hook of that step). ``resume_csv`` resumes it with the same setup.
+* ``diskfull``: WORKDIR is a tiny file system (the test mounts a tmpfs); after the checkpoint
+  of step 4 is committed, fills the disk so that the save of step 8 fails with ENOSPC. Catches
+  the ``CheckpointError``, writes what it saw to OUT (JSON) and exits 0.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ SLOW = 0.1
 KILL_STEP = 8
 PAD_SIZE = 16 * 2**20  # float32: 64 MiB
 FIT = dict(max_epochs=4, progress_bar=False, log_every_n_steps=3)
+CSV_KILL_STEP = 10  # the checkpoint of step 9 (and its row) came just before
+DISKFULL_PAD = 2**18  # float32: 1 MiB, so a checkpoint is ~1 MiB
 
 
 class Padded(Classifier):
@@ -122,6 +130,85 @@ class KillDuringSave(nnxfit.Callback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillAfterCommit(nnxfit.Callback):
+    order = 99  # after the CSVLogger (95): this step's row was written
+    reads_module = False
+
+    def __init__(self, directory, step):
+        self.directory, self.step = directory, step
+
+    def on_train_batch_end(self, trainer, module, step, logs):
+        if step != self.step:
+            return
+        done = os.path.join(self.directory, str(step - 1))
+        deadline = time.monotonic() + 20
+        while not os.path.isdir(done):
+            if time.monotonic() > deadline:
+                sys.exit(4)
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def csv_fit(workdir, *extra):
+    return nnxfit.Trainer(
+        workdir=workdir, callbacks=[ModelCheckpoint(every_n_steps=3), *extra], **FIT
+    )
+
+
+class FillDisk(nnxfit.Callback):
+    """After the checkpoint of step 4 is committed, fills the file system but for 64 KiB."""
+
+    order = 60  # after ModelCheckpoint's hook, which lets the save of step 4 commit
+    reads_module = False
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+
+    def on_train_batch_end(self, trainer, module, step, logs):
+        if step != 5:
+            return
+        ckpts = os.path.join(self.workdir, "checkpoints")
+        while not os.path.isdir(os.path.join(ckpts, "4")):
+            time.sleep(0.001)
+        ballast = os.path.join(self.workdir, "ballast")
+        with open(ballast, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:  # ENOSPC: full
+                pass
+        os.truncate(ballast, max(0, os.path.getsize(ballast) - 65536))
+
+
+def diskfull(workdir, out):
+    import threading
+
+    class Padded1M(Classifier):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            pad = np.random.default_rng(0).standard_normal(DISKFULL_PAD, dtype=np.float32)
+            self.pad = nnx.Variable(jnp.asarray(pad))
+
+    before = {t.ident for t in threading.enumerate()}
+    trainer = nnxfit.Trainer(
+        workdir=workdir,
+        callbacks=[ModelCheckpoint(every_n_steps=4), FillDisk(workdir)],
+        **FIT,
+    )
+    report = {}
+    try:
+        trainer.fit(Padded1M(seed=0), train_data(), val_data())
+    except nnxfit.CheckpointError as e:
+        report["error"] = str(e)
+    ckpts = os.path.join(workdir, "checkpoints")
+    report["entries"] = sorted(os.listdir(ckpts))
+    report["global_step"] = trainer.global_step
+    report["threads"] = [t.name for t in threading.enumerate() if t.ident not in before]
+    report["meta_step"] = nnxfit.read_meta(ckpts)["step"]
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
 def main(argv):
     mode, workdir = argv[1], argv[2]
     if mode in ("signal", "twice", "hold"):
@@ -154,6 +241,18 @@ def main(argv):
         )
         trainer.fit(make_module(big=True), train_data(), val_data())
         sys.exit(5)
+    if mode == "killcsv":
+        ckpts = os.path.join(workdir, "checkpoints")
+        csv_fit(workdir, KillAfterCommit(ckpts, CSV_KILL_STEP)).fit(
+            make_module(), train_data(), val_data()
+        )
+        sys.exit(5)
+    if mode == "resume_csv":
+        csv_fit(workdir).fit(make_module(seed=7), train_data(), val_data(), resume=True)
+        return
+    if mode == "diskfull":
+        diskfull(workdir, argv[3])
+        return
     if mode == "resume":
         out = argv[3]
         big = len(argv) > 4 and argv[4] == "big=1"
