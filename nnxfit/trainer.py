@@ -224,7 +224,8 @@ class Trainer:
         if self._carry is None:
             return []
         names, features = list(self.programs.metric_order), self.programs.config.features
-        return names + ["lr"] * features.lr + ["nonfinite_steps"] * features.finite
+        names += ["lr"] * features.lr + ["nonfinite_steps"] * features.finite
+        return names + ["spike_steps"] * (features.spike is not None)
 
     @property
     def epochs_total(self) -> int | None:
@@ -668,7 +669,7 @@ class Trainer:
     def _validation_run(self, data: Any) -> dict[str, float]:
         """``validation_step`` over ``data`` on the fit's own state (no hooks)."""
         carry = self._carry
-        return self._run_validation(carry.programs, carry.module_leaves(), data)
+        return self._run_validation(carry.programs, carry.validation_leaves(), data)
 
     def _run_validation(
         self, programs: Programs, module_leaves: list, data: Any, method="validation_step", limit=-1
@@ -716,9 +717,9 @@ class Trainer:
             first_batch=first,
             placement=self.placement,
         )
-        # Under NaNGuard("stop") the resume point is the last good step's: where calls ended
-        # since about the last two logs (``resume_point.py``).
-        halts = carry.programs.config.features.halts
+        # Under NaNGuard("stop") (or SpikeGuard("stop")) the resume point is the last good
+        # step's: where calls ended since about the last two logs (``resume_point.py``).
+        halts = carry.programs.config.features.freezes
         self._trail = Trail(keep_calls=2 * c.log_every_n_steps + 4 if halts else 0)
         self._carry = carry
         self._sync_to_module()

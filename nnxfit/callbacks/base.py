@@ -41,7 +41,8 @@ class Callback:
       the device may run a few steps ahead of them. Other callbacks are asked ``needs_sync``
       before each of their hooks' events.
     * ``step_features``: names of quantities the jitted step must compute for this callback:
-      ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``.
+      ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``;
+      or a ``step.StepFeatures`` for the features with values (``EMA``, ``SpikeGuard``).
       They reach ``logs`` at the next log interval with no per-step host sync.
 
     A callback that adds metrics to the logs (``logs["loss_ema"] = ...``) says so in
@@ -55,7 +56,7 @@ class Callback:
 
     order: int = 0
     reads_module: bool = True
-    step_features: frozenset[str] = frozenset()
+    step_features: frozenset[str] | StepFeatures = frozenset()
     # False (with reads_module False) promises that the loop hooks (on_train_batch_end,
     # on_train_epoch_start/_end) only record (logs, counters, clocks): they neither read nor
     # change the training state, and the Trainer never waits for the device before them: they
@@ -211,9 +212,11 @@ class CallbackList:
         checked: an unknown name is an error naming the callback)."""
         out = StepFeatures()
         for c in self.callbacks:
-            if c.step_features:
-                mine = StepFeatures.from_names(c.step_features, f"{type(c).__name__}")
-                out = StepFeatures.from_names(out.names | mine.names)
+            f = c.step_features
+            if f:
+                owner = type(c).__name__
+                mine = f if isinstance(f, StepFeatures) else StepFeatures.from_names(f, owner)
+                out = out.merge(mine, owner)
         return out
 
     def _keys(self) -> list[str]:
