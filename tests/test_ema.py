@@ -5,6 +5,7 @@ bit where an uninterrupted one ends."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -54,15 +55,20 @@ def fit(callbacks, spe=1, max_steps=12, val=None, module=None, data=DATA, **kw):
     return trainer, module, history
 
 
+@functools.cache
+def trajectory() -> list[list[np.ndarray]]:
+    """The parameters after each of the 12 steps of a fit without EMA, one step a call."""
+    rec = ParamsEveryStep()
+    fit([rec])
+    return rec.seen
+
+
 @pytest.mark.parametrize("spe", [1, 4])
 def test_average_equals_one_computed_by_hand_from_every_step(spe):
     """Every step is averaged, the K steps of a call included, from the parameters before
     the first step."""
-    start = params(Classifier())
-    rec = ParamsEveryStep()
-    fit([rec])  # the parameters after each of the 12 steps
-    expected = start
-    for p in rec.seen:
+    expected = params(Classifier())
+    for p in trajectory():
         expected = [
             np.float32(DECAY) * e + np.float32(1 - DECAY) * x
             for e, x in zip(expected, p, strict=True)
