@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/digits_cnn.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check nnxfit tests examples benchmarks

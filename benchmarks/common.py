@@ -228,7 +228,6 @@ class _EmulatedGuard(nnxfit.Callback):
     """Stands in for NaNGuard + GradNormMonitor until they exist: asks the step for what they
     ask (finite check, halt on non-finite, grad norm) and does nothing on the host."""
 
-    reads_module = False
     step_features = frozenset({"finite", "halt_on_nonfinite", "grad_norm"})
 
 
@@ -247,8 +246,7 @@ class Stopwatch(nnxfit.Callback):
     one Python call per epoch and two syncs per fit."""
 
     order = 10**9  # last: the window holds what every other callback does at an epoch end
-    reads_module = False
-    epoch_end_barrier = False  # records only: lets the next epoch start early, as in real fits
+    records_only = True  # lets the next epoch start early, as in real fits
 
     def __init__(self):
         self.t0 = self.t1 = None

@@ -54,8 +54,6 @@ SETS = {
 
 
 class _Features(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, features):
         self.step_features = features if isinstance(features, StepFeatures) else frozenset(features)
 

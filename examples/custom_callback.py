@@ -37,10 +37,10 @@ EPOCHS = 2 if FAST else 6
 class LossEMA(nnxfit.Callback):
     """Exponential moving average of the training loss, logged per epoch as ``loss_ema``."""
 
-    reads_module = False  # never looks at the module: the Trainer need not sync it for us
-    # Its hooks only record (the EMA, a log key): the device may run a few steps ahead of them.
-    # Leave it True for a callback that changes the training or stops it.
-    epoch_end_barrier = False
+    # Its hooks only record (the EMA, a log key): the device may run a few steps ahead of
+    # them, and the Trainer never writes its state back to the module for them. Leave it False
+    # for a callback that reads the module, changes the training or stops it.
+    records_only = True
 
     def __init__(self, decay: float = 0.9):
         self.decay = decay
@@ -66,8 +66,6 @@ class LossEMA(nnxfit.Callback):
 
 class Preempt(nnxfit.Callback):
     """Sends this process a SIGTERM once, at ``at_step``."""
-
-    reads_module = False
 
     def __init__(self, at_step: int):
         self.at_step = at_step

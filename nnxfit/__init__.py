@@ -28,6 +28,7 @@ from nnxfit.errors import (
     WorkdirLockedError,
 )
 from nnxfit.history import History
+from nnxfit.lr_finder import LRFindResult, LRFindWarning, lr_find
 from nnxfit.modes import FrozenStatsCheck, TrainModeWarning, eval_mode
 from nnxfit.module import TrainModule
 from nnxfit.trainer import Trainer
@@ -46,6 +47,8 @@ __all__ = [
     "EmptyDataError",
     "FrozenStatsCheck",
     "History",
+    "LRFindResult",
+    "LRFindWarning",
     "NnxfitError",
     "NonFiniteError",
     "RecompileWarning",
@@ -61,6 +64,7 @@ __all__ = [
     "eval_mode",
     "export_weights",
     "load_checkpoint",
+    "lr_find",
     "metrics",
     "read_meta",
 ]

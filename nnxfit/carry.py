@@ -137,8 +137,9 @@ class FitCarry:
         )
         A = config.grad_accum_steps
         step_config = StepConfig(
-            A, config.grad_clip_norm, config.precision, features, lr_fn, speculate
-        )
+            A, config.grad_clip_norm, config.precision, features, lr_fn, speculate,
+            config.scan_unroll,
+        )  # fmt: skip
         # The device counts steps only for features that need the count in the step.
         needs_step = features.finite or (features.lr and lr_fn is not None)
         needs_step = needs_step or features.spike is not None

@@ -38,6 +38,7 @@ from importlib import metadata as _metadata
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from flax import nnx
 
 from nnxfit.config import EXACTNESS_OPTIONS, trainer_options  # noqa: F401 (re-exported)
@@ -279,6 +280,11 @@ class _Tree:
         out = []
         for p, live in zip(self.paths, self.leaves, strict=True):
             x = flat[p]
+            if getattr(x, "committed", False) and not getattr(live, "committed", True):
+                # A fresh fit's leaves are uncommitted, and so are the zeros the carry puts
+                # back at each log; a restored leaf comes back committed to its device. jit
+                # keys its cache on that, so every program would compile twice on resume.
+                x = jax.device_put(np.asarray(x))
             if _is_key(live):
                 x = jax.random.wrap_key_data(x, impl=jax.random.key_impl(live))
             sharding = getattr(live, "sharding", None)

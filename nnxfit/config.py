@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import numpy as np
 
 from nnxfit.data import ArrayLoader
 from nnxfit.errors import ConfigError, positive_int
@@ -60,6 +61,8 @@ class TrainerConfig:
     console: Any = _option(None, recorded=False)
     fast_dev_run: bool | int = _option(False, recorded=False)
     num_sanity_val_steps: int = _option(2, recorded=False)
+    # How the K-step scan runs, never what it computes (``loop_convs.py``, ``step.py``).
+    scan_unroll: int | bool = _option(1, recorded=False)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -105,6 +108,7 @@ class TrainerConfig:
             )
         put("workdir", workdir)
         put("num_sanity_val_steps", sanity_steps(self.num_sanity_val_steps))
+        put("scan_unroll", check_scan_unroll(self.scan_unroll))
 
     def replace(self, **changes: Any) -> TrainerConfig:
         """A new config with ``changes``, validated."""
@@ -113,6 +117,19 @@ class TrainerConfig:
     def recorded(self) -> dict[str, Any]:
         """The options a checkpoint records, by name."""
         return {f.name: getattr(self, f.name) for f in FIELDS if f.metadata["recorded"]}
+
+
+def check_scan_unroll(value: Any) -> int | bool:
+    """``scan_unroll``: steps per loop iteration of the K-step scan (an integer >= 1), or True
+    (no loop)."""
+    if value is True:
+        return True
+    if isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ConfigError(
+        f"scan_unroll must be an integer >= 1 (steps per loop iteration of the "
+        f"steps_per_execution scan) or True (no loop); got {value!r}."
+    )
 
 
 def sanity_steps(value: Any) -> int:

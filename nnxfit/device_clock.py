@@ -16,6 +16,11 @@ the loop:
 
 Each time it learns something it stamps a ``DeviceProgress``: the step the device had
 finished and the clock reading when that became known (an upper bound on when it happened).
+A stamp is on time when the device is behind the host (a read then waits) or keeps up with it
+(a poll finds it done within ``POLL_EVERY_S``); when the device is only a few calls behind, a
+read may find the step long done and stamp it up to ``lookahead`` calls late. That moves
+those seconds from the interval after the stamp to the one before it: rates over many steps
+stay right, a rate over a few steps (the first log step of an epoch) can be off.
 The Trainer publishes, for each event it delivers to the hooks, the progress up to that
 event's step (``Trainer.device_progress``): a hook never sees the device ahead of the event,
 nor a step the device was not known to have finished.
@@ -47,7 +52,7 @@ from typing import Any, NamedTuple
 
 from jax import monitoring
 
-POLL_EVERY_S = 0.01  # asks the device at least this often when the host runs ahead of it
+POLL_EVERY_S = 1e-3  # asks the device at most this often, short waits aside (1.5 us a time)
 LONG_WAIT_S = 1e-4  # a data wait at least this long is worth a poll (1.5 us) after it
 # Events jax records around every compile (jax/_src/dispatch.py, pxla.py): tracing, lowering
 # to MLIR, and the backend compile (or the load from the persistent compilation cache).

@@ -72,7 +72,6 @@ class FrozenStatsCheck(Callback):
     Trainer; costs one comparison of the statistics, at one epoch end."""
 
     order = -150  # early: its warning comes before other callbacks' epoch-end output
-    reads_module = False  # reads the fit's state through trainer.train_state()
 
     def __init__(self):
         self.warned = False

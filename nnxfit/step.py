@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit import averaging, spikes
+from nnxfit import averaging, loop_convs, spikes
 from nnxfit.errors import ConfigError, StepOutputError
 from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
 from nnxfit.hyperparams import learning_rate_of
@@ -178,6 +178,9 @@ class StepConfig:
     # finite, the loop re-runs the calls since a copy of the state it kept and undoes that
     # step (``speculation.py``, ``Programs.gated``). Only for small states.
     speculate: bool = False
+    # ``unroll`` of the K-step ``lax.scan`` (``Trainer(scan_unroll=...)``): n steps per loop
+    # iteration, or True for no loop at all.
+    scan_unroll: int | bool = 1
 
 
 RETURN_FORMS = (
@@ -392,8 +395,10 @@ class Programs:
     def _train_jits(self, gate: str | None) -> tuple:
         """The (single, multi) train programs, jitted and donated, with ``gate``."""
         kw = {"donate_argnums": 0, **self._jit_kw}
+        wrap = loop_convs.canonical_convs if loop_convs.wanted() else (lambda f: f)
         return tuple(
-            jax.jit(functools.partial(f, gate=gate), **kw) for f in (self._single, self._multi)
+            jax.jit(wrap(functools.partial(f, gate=gate)), **kw)
+            for f in (self._single, self._multi)
         )
 
     def train(self, gated: bool = False) -> dict:
@@ -540,7 +545,12 @@ class Programs:
         if self.on_trace is not None:
             self.on_trace(CallKind.MULTI.value, batches)
         c = jax.tree.unflatten(self.treedef, leaves)
-        c, _ = jax.lax.scan(lambda c, b: (self.one_step(c, b, gate), None), c, batches)
+        c, _ = jax.lax.scan(
+            lambda c, b: (self.one_step(c, b, gate), None),
+            c,
+            batches,
+            unroll=self.config.scan_unroll,
+        )
         return jax.tree.leaves(c)
 
     # -- eval and predict ----------------------------------------------------------------

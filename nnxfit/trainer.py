@@ -1,10 +1,17 @@
-"""``Trainer``: the public API (fit, validate, test, predict, the state a checkpoint saves) and
-the fit as the device sees it.
+"""``Trainer``: its options, ``fit``, and the fit as the device sees it.
 
 A fit is two halves, each in one screen here. ``_dispatch`` sends the calls of the train
 program and yields an event per epoch start, call and epoch end as soon as it is on its way;
 ``_deliver`` runs the hooks of one event. ``loop.run`` connects them: hooks trail the device
-by a few events, except where a callback needs them in step (``Callback.needs_sync``).
+by a few events, except where a callback needs them in step (``Callback.needs_sync``; a
+``records_only`` callback never does).
+
+The rest of the Trainer's public API is in three parts it inherits:
+
+* ``fit_view.py`` (``FitView``): what callbacks read of a fit (``programs``, ``carry``,
+  ``batch_spec``, ``metric_names``, ``epoch_ending()``, hyperparameters...);
+* ``fit_state.py`` (``FitState``): the state a checkpoint saves and a resume loads;
+* ``eval_api.py`` (``EvalAPI``): ``validate``, ``test``, ``predict``.
 
 Everything else has a module of its own, below this one:
 
@@ -24,13 +31,13 @@ Everything else has a module of its own, below this one:
   lock, versioned runs, the device's progress.
 
 The module object is written back from the device state only when someone may look at it:
-before a hook of a callback that reads the module, at epoch ends, on errors and at the end.
+before the hooks of callbacks that are not ``records_only``, at the events in step with the
+device, and on errors and at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -38,48 +45,29 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnxfit import evaluate, hyperparams, interrupt, loop
+from nnxfit import evaluate, interrupt, loop
 from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
-from nnxfit.callbacks.checkpoint import ModelCheckpoint
 from nnxfit.callbacks.defaults import default_callbacks, module_callbacks
 from nnxfit.carry import FitCarry, wait_ready
 from nnxfit.config import PRECISIONS, TrainerConfig, expose_options  # noqa: F401 (PRECISIONS)
-from nnxfit.data import (
-    BatchSpec,
-    check_reiterable,
-    epoch_batches,
-    first_batch,
-    loader_state,
-    take_batches,
-)
-from nnxfit.device_clock import DeviceClock, DeviceProgress
+from nnxfit.data import BatchSpec, check_reiterable, first_batch, take_batches
+from nnxfit.device_clock import DeviceClock
 from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
+from nnxfit.eval_api import EvalAPI, check_module, with_module
+from nnxfit.fit_state import FitState
+from nnxfit.fit_view import FitView
 from nnxfit.history import History
-from nnxfit.inputs import eval_inputs, fit_inputs
+from nnxfit.inputs import fit_inputs
 from nnxfit.loop import CALL, END, INTERRUPT, START, Event, Progress, Schedule, new_event
-from nnxfit.modes import eval_mode
-from nnxfit.module import TrainModule, attached, has_test_step, has_validation_step
+from nnxfit.module import TrainModule, has_validation_step
 from nnxfit.placement import Placement
 from nnxfit.plan import Plan, epoch_size
-from nnxfit.resume import resume_fit
-from nnxfit.resume_point import ResumeInfo, ResumePoint, Trail, capture, step_of
+from nnxfit.resume_point import ResumeInfo, ResumePoint, Trail, capture
 from nnxfit.runs import begin_run
 from nnxfit.sanity import check_validation
 from nnxfit.speculation import NoSpeculation, Speculation, mark_every
-from nnxfit.step import Programs
 from nnxfit.warn import warn
 from nnxfit.workdir import lock_workdir
-
-
-def _attach(method):
-    """Runs ``method(self, module, ...)`` with ``module.trainer`` pointing at this Trainer."""
-
-    @functools.wraps(method)
-    def wrapper(self, module, *args, **kwargs):
-        with attached(module, self):
-            return method(self, module, *args, **kwargs)
-
-    return wrapper
 
 
 def _counter(progress: str, field: str, doc: str) -> property:
@@ -93,7 +81,7 @@ def _counter(progress: str, field: str, doc: str) -> property:
 
 
 @expose_options
-class Trainer:
+class Trainer(FitView, FitState, EvalAPI):
     """Fits, validates, tests and predicts with a ``TrainModule``.
 
     One of ``max_epochs`` / ``max_steps`` is required; training stops at whichever comes first.
@@ -125,6 +113,7 @@ class Trainer:
         val_every_n_steps: int | None = None,
         fast_dev_run: bool | int = False,
         num_sanity_val_steps: int = 2,
+        scan_unroll: int | bool = 1,
     ):
         options = {k: v for k, v in locals().items() if k not in ("self", "callbacks")}
         self._plan: Plan | None = None  # the current (last) fit's batches as calls
@@ -183,74 +172,8 @@ class Trainer:
             if part is not None:
                 part.configure(config)
 
-    # ===================================================== what callbacks read of a fit ===
-    @property
-    def device_progress(self) -> DeviceProgress:
-        """How far the device had got by the event the hooks are seeing: the steps it was known
-        to have finished (never more than ``global_step``), when that became known, and the
-        time that was not training (``nnxfit.device_clock``). Rates and ETAs come from here,
-        not from when hooks run: hooks trail the device by up to ``lookahead`` events."""
-        return self._device_clock.progress(self._seen.step)
-
-    @property
-    def programs(self) -> Programs | None:
-        """The jitted programs of the current (or last) fit (``step.Programs``): the train and
-        eval steps, their metric order and trace counts; None before the first fit."""
-        return None if self._carry is None else self._carry.programs
-
-    @property
-    def carry(self) -> FitCarry | None:
-        """The device state of the current (or last) fit (``carry.FitCarry``): its flat
-        ``leaves`` (what the programs take), their ``layout``, the host side of the metrics.
-        Read it; the loop replaces its leaves with every call. None before the first fit."""
-        return self._carry
-
-    @property
-    def batch_spec(self) -> BatchSpec | None:
-        """The structure, shapes and batch size of the fit's training batches
-        (``data.BatchSpec``, from the first batch); None before the first fit."""
-        return self._spec
-
-    @property
-    def n_train_batches(self) -> int | None:
-        """Training batches in an epoch (after ``limit_train_batches``); None when the data
-        does not say (an iterable without ``len``)."""
-        return self._n_train_batches
-
-    @property
-    def metric_names(self) -> list[str]:
-        """Names the train step logs: ``loss``, ``training_step``'s metrics, the step features'
-        (``grad_norm``, ``lr``, ``nonfinite_steps``); empty before the first fit."""
-        if self._carry is None:
-            return []
-        names, features = list(self.programs.metric_order), self.programs.config.features
-        names += ["lr"] * features.lr + ["nonfinite_steps"] * features.finite
-        return names + ["spike_steps"] * (features.spike is not None)
-
-    @property
-    def epochs_total(self) -> int | None:
-        """How many epochs the fit will run (``max_steps`` may end it before ``max_epochs``);
-        None when neither says (``max_steps`` with data of unknown length)."""
-        return loop.epochs_total(self.max_epochs, self.max_steps, self.steps_per_epoch)
-
-    def epoch_ending(self) -> bool:
-        """Whether the epoch ends after the call the hooks are seeing: the fit stops there
-        (``should_stop``, ``max_steps``) or it was the epoch's last batch."""
-        schedule = self._schedule or Schedule(self.config)
-        return schedule.epoch_ending(self._seen, self.should_stop)
-
-    @property
-    def nonfinite_steps(self) -> int:
-        """Steps whose loss or gradient was not finite, as of the latest log (with NaNGuard)."""
-        return 0 if self._carry is None else self._carry.nonfinite_steps
-
-    @property
-    def first_nonfinite_step(self) -> int | None:
-        """The first step whose loss or gradient was not finite, as of the latest log."""
-        return None if self._carry is None else self._carry.first_nonfinite_step
-
     # ======================================================================= public API ===
-    @_attach
+    @with_module
     def fit(
         self,
         module: TrainModule,
@@ -267,7 +190,7 @@ class Trainer:
         ``train_data``/``val_data`` may be arrays, Keras style (``x``, ``(x, y)``, a dict of
         arrays): batched by ``batch_size`` (32), training batches reshuffled each epoch
         (``shuffle``), ``validation_split`` holding out the last fraction (``inputs.py``)."""
-        self._check_module(module)
+        check_module(module)
         train_data, val_data = fit_inputs(
             train_data,
             val_data,
@@ -331,160 +254,6 @@ class Trainer:
                         self, self._signals.received, self._saving_dirs(), after_last_step=True
                     )
         return self.history
-
-    @_attach
-    def validate(
-        self, module: TrainModule, data: Any, *, batch_size: int | None = None
-    ) -> dict[str, float]:
-        """``validation_step`` over every example of ``data``, keys prefixed ``val_``: batch
-        means averaged over examples, whole-set metrics (``nnxfit.metrics``) computed from
-        their sums; array results go to ``trainer.array_metrics``. Arrays (``(x, y)``) are
-        batched by ``batch_size`` (32), Keras's ``evaluate``."""
-        self._check_module(module)
-        data = eval_inputs(data, batch_size, "validate")
-        if not has_validation_step(module):
-            module.validation_step(None)  # raises the explanatory NotImplementedError
-        if self.fitting and module is self.module:
-            return self._validate(data)
-        programs, leaves = self._programs_for(module)
-        return self._run_validation(programs, leaves, data)
-
-    @_attach
-    def test(
-        self, module: TrainModule, data: Any, *, batch_size: int | None = None
-    ) -> dict[str, float]:
-        """``test_step`` over every example of ``data``, as ``validate`` does with
-        ``validation_step``; keys prefixed ``test_``. Works on a module never fitted. Calls
-        ``on_test_start`` / ``on_test_end(logs)`` of the Trainer's and the module's callbacks
-        (the CSVLogger adds a ``kind="test"`` row to ``metrics.csv``)."""
-        self._check_module(module)
-        data = eval_inputs(data, batch_size, "test")
-        if not has_test_step(module):
-            module.test_step(None)  # raises the explanatory NotImplementedError
-        user = self.callbacks
-        cbs = CallbackList(default_callbacks(self.config, user) + user + module_callbacks(module))
-        for cb in cbs.for_hook("on_test_start"):
-            cb.on_test_start(self, module)
-        programs, leaves = self._programs_for(module)
-        limit = self.fast_dev_run or None
-        logs = self._run_validation(programs, leaves, data, "test_step", limit)
-        for cb in cbs.for_hook("on_test_end"):
-            cb.on_test_end(self, module, logs)
-        return logs
-
-    @_attach
-    def predict(self, module: TrainModule, data: Any, *, batch_size: int | None = None) -> Any:
-        """``predict_step`` over every batch of ``data``, concatenated on axis 0 (numpy).
-        Arrays (``x``) are batched by ``batch_size`` (32), Keras's ``predict``. Inside a
-        callback during fit it runs on the fit's current state in eval mode, changing nothing."""
-        self._check_module(module)
-        data = eval_inputs(data, batch_size, "predict")
-        programs, leaves = self._programs_for(module)
-        outs = []
-        for i, batch in enumerate(epoch_batches(data, 0)):
-            for part in self.placement.eval_parts(batch):  # one part unless on a mesh
-                outs.append((part, programs.predict_batch(leaves, part.batch)))
-            if i == 0:
-                jax.block_until_ready(outs[0][1])  # surface tracing errors at the first batch
-        if not outs:
-            raise EmptyDataError("predict got data that yielded no batch.")
-        outs = [part.rows(out) for part, out in outs]
-        return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
-
-    def eval_programs(self, module: TrainModule) -> Programs:
-        """The programs ``validate``, ``test`` and ``predict`` run ``module`` with: the fit's
-        own during its fit; otherwise one set per module structure, kept by the Trainer."""
-        return self._programs_for(module)[0]
-
-    def get_hyperparameter(self, name: str, optimizer: str | None = None) -> Any:
-        """The value of the optimizer's hyperparameter ``name`` in the fit's current state
-        (a float; an array for a non-scalar one), read from a callback's hook or after fit.
-
-        Any hyperparameter ``optax.inject_hyperparams`` keeps in the optimizer state; the
-        learning rate (``"learning_rate"`` or ``"lr"``) also from a ``lr_schedule`` or from
-        optax's own optimizers (``nnxfit.hyperparams``). A ``ConfigError`` names the fix when
-        it cannot be read. One device sync."""
-        return hyperparams.get_hyperparameter(self, name, optimizer)
-
-    def set_hyperparameter(self, name: str, value: Any, optimizer: str | None = None) -> None:
-        """Sets the optimizer's hyperparameter ``name`` to ``value`` from the next step on,
-        without recompiling: the value is written into the ``optax.inject_hyperparams`` state
-        with the old array's dtype, shape and placement, and is checkpointed with it.
-
-        Call it from a callback's hook (one in step with the device: any callback that is
-        not ``records_only``). A ``ConfigError`` names the fix when the optimizer does not
-        keep ``name`` in its state, or a schedule sets it every step."""
-        hyperparams.set_hyperparameter(self, name, value, optimizer)
-
-    def eval_mode(self, module: TrainModule):
-        """``with trainer.eval_mode(module): ...`` runs the block in eval mode and undoes
-        whatever it did to the module (``modes.eval_mode``): for callbacks that call it."""
-        return eval_mode(module)
-
-    # ==================================================== the state a checkpoint saves ===
-    def train_state(self) -> dict:
-        """The device state of the fit as pytrees (for checkpoints): module state, optimizer
-        state, step counter and the epoch's metric accumulators."""
-        return self._carry.state_dict()
-
-    def load_train_state(self, state: dict) -> None:
-        """Replaces the device state with ``state`` (same structure as ``train_state()``)."""
-        self._carry.load_state_dict(state)
-        self._sync_to_module()
-
-    def loop_state(self) -> dict:
-        """Host-side counters a resumed run needs (plain Python), live."""
-        seen, trail = self._seen, self._trail
-        return {
-            "global_step": seen.step,
-            "epoch": seen.epoch,
-            "batch_in_epoch": seen.batch,
-            "should_stop": self.should_stop,  # informative: a resumed fit decides anew
-            "history": self.history.state_dict(),
-            "epoch_acc": self._carry.epoch_acc.tolist(),
-            "callbacks": self.cb.state_dicts(),
-            "loader": loader_state(self.train_data, seen.epoch, seen.batch),
-            "call_rest": 0,
-            "superseded_from": seen.step + 1,
-            **trail.loop_fields(*trail.regular()),
-        }
-
-    def load_loop_state(self, state: dict) -> None:
-        seen = self._seen
-        seen.step, seen.epoch = int(state["global_step"]), int(state["epoch"])
-        seen.batch = int(state["batch_in_epoch"])
-        # A new fit call is a new decision: a stop saved with the state does not carry over.
-        self.should_stop = False
-        self.history.load_state_dict(state.get("history", {}))
-        calls = self._trail.calls
-        keep = calls.maxlen if calls is not None else 0
-        trail = self._trail = Trail.restored(state, seen.step, keep)
-        log_step, logs = trail.prev
-        self._schedule.log_from = log_step if log_step != seen.step else None
-        self._plan.call_rest = int(state.get("call_rest", 0))
-        self.logged_metrics = dict(logs)
-        self.resume_info = ResumeInfo.of(state, seen.step, trail)
-        acc, carry = state.get("epoch_acc"), self._carry
-        if acc is not None and len(acc) == len(carry.epoch_acc):
-            carry.epoch_acc = np.asarray(acc, np.float64)
-        self.cb.load_state_dicts(state.get("callbacks", {}))
-        if state.get("loader") and hasattr(self.train_data, "load_state_dict"):
-            self.train_data.load_state_dict(state["loader"])
-
-    def checkpoint_state(self) -> tuple[dict, dict]:
-        """What a checkpoint saves, ``(train_state(), loop_state())``-shaped: the point a
-        resume continues from. The live state while the fit trains; once it has ended inside
-        an epoch, the state from before that epoch's end (``resume_point.py``)."""
-        point = self._resume_point
-        if point is None:
-            point = capture(self, self._trail, self._plan.cut_rest, at_end=False)
-        return self._carry.state_dict(point.leaves), point.loop
-
-    @property
-    def checkpoint_step(self) -> int:
-        """The step of the state a checkpoint saves now (``checkpoint_state``): the global
-        step, or the last good step's after ``NaNGuard("stop")``."""
-        return step_of(self, self._resume_point)
 
     # ========================================================== the fit, as the device sees it ===
     def _train_loop(self) -> None:
@@ -567,6 +336,7 @@ class Trainer:
         """Runs the hooks of one event, the state as the device left it there; says whether
         the fit is to stop."""
         seen, kind = self._seen, ev.kind
+        in_step = ev.barrier or not self.lookahead  # the module may be written back
         if ev.snap is not None:  # the read below waits for the device: time when it is done
             self._device_clock.read(seen.step + ev.n_steps, ev.snap)
         calls = self._trail.calls  # where calls ended, under NaNGuard("stop") only
@@ -576,21 +346,21 @@ class Trainer:
             if calls is not None:
                 calls.append((seen.step, seen.batch))
             logs = self._interval_logs(ev.snap) if ev.snap is not None else {}
-            self._hook("on_train_batch_end", seen.step, logs)
+            self._hook("on_train_batch_end", seen.step, logs, in_step=in_step)
             if self._schedule.validates_after_call(seen, ev.n_steps, self.should_stop):
                 self.logged_metrics.update(self._validate(self.val_data))
         elif kind is START:
             if calls is not None:
                 calls.clear()
                 calls.append((seen.step, seen.batch))
-            self._hook("on_train_epoch_start", ev.epoch)
+            self._hook("on_train_epoch_start", ev.epoch, in_step=in_step)
         elif kind is END:
-            self._end_epoch(ev)
+            self._end_epoch(ev, in_step)
         else:
             self._interrupt()
         return self.should_stop
 
-    def _end_epoch(self, ev: Event) -> None:
+    def _end_epoch(self, ev: Event, in_step: bool) -> None:
         seen, logs = self._seen, self._epoch_logs(ev.snap)
         # A fit that ended inside the epoch: from here on its checkpoints (those of this
         # epoch end's hooks too) hold the state from before this epoch end, so that a resume
@@ -600,7 +370,7 @@ class Trainer:
         )
         if self._schedule.validates_at_epoch_end(ev.epoch, seen, self.should_stop):
             logs.update(self._validate(self.val_data))
-        self._hook("on_train_epoch_end", ev.epoch, logs)
+        self._hook("on_train_epoch_end", ev.epoch, logs, in_step=in_step)
         self.history.append(ev.epoch, logs)
         self._trail.epoch_ended(seen.step, logs)
         seen.epoch, seen.batch = seen.epoch + 1, 0
@@ -626,8 +396,8 @@ class Trainer:
         seen = self._seen
         self._sent.step, self._sent.epoch = seen.step, seen.epoch
         self._carry.set_step(seen.step)  # the device's step count follows the hooks'
-        if end_due:  # frozen: adds nothing
-            self._deliver(new_event((END, seen.epoch, 0, 0, None, False, None, partial)))
+        if end_due:  # frozen: adds nothing; in step, nothing is pending
+            self._deliver(new_event((END, seen.epoch, 0, 0, None, True, None, partial)))
         if interrupted:
             self._interrupt()
 
@@ -671,28 +441,6 @@ class Trainer:
         carry = self._carry
         return self._run_validation(carry.programs, carry.validation_leaves(), data)
 
-    def _run_validation(
-        self, programs: Programs, module_leaves: list, data: Any, method="validation_step", limit=-1
-    ) -> dict:
-        """``method`` (``validation_step``/``test_step``) over ``data`` (``evaluate.run``);
-        ``limit``: batches to run (None: all; default: ``limit_val_batches``). During fit a
-        signal cuts it short (``_interrupt``; its metrics are never logged)."""
-        limit = self.limit_val_batches if limit == -1 else limit
-        stop = self._stop_if_signalled if self.fitting else None
-        logs, arrays = evaluate.run(
-            programs, module_leaves, data, placement=self.placement, method=method, limit=limit,
-            stop=stop,
-        )  # fmt: skip
-        prefix = "test_" if method == "test_step" else "val_"
-        kept = {k: v for k, v in self.array_metrics.items() if not k.startswith(prefix)}
-        self.array_metrics = {**kept, **arrays}  # the latest val_* and the latest test_*
-        return logs
-
-    def _programs_for(self, module: TrainModule) -> tuple[Programs, list]:
-        if self.fitting and module is self.module:
-            return self._carry.programs, self._carry.module_leaves()
-        return self._eval_cache.get(module, self.placement)
-
     # ========================================================================= setup ===
     def _setup_fit(self, module: TrainModule, train_data, val_data, first) -> None:
         self.module, self.train_data, self.val_data = module, train_data, val_data
@@ -724,28 +472,18 @@ class Trainer:
         self._carry = carry
         self._sync_to_module()
 
-    def _resume(self, resume) -> None:
-        dirs = [c.resolve_directory(self) for c in self.cb if isinstance(c, ModelCheckpoint)]
-        resume_fit(self, resume, dirs)
-
-    def _saving_dirs(self) -> list[str]:
-        """Where the fit's ``ModelCheckpoint``s save (none under ``fast_dev_run``)."""
-        if self.fast_dev_run:
-            return []
-        return [
-            c.directory
-            for c in self.cb
-            if isinstance(c, ModelCheckpoint) and c.directory is not None
-        ]
-
     # ========================================================================= hooks ===
-    def _hook(self, name: str, *args, guard: bool = False, defer: bool = False) -> None:
+    def _hook(
+        self, name: str, *args, guard: bool = False, defer: bool = False, in_step: bool = True
+    ) -> None:
         """``guard``: a failing callback only warns (an error is already on its way out).
-        ``defer``: every callback runs, then the first failure is raised (cleanup hooks)."""
+        ``defer``: every callback runs, then the first failure is raised (cleanup hooks).
+        ``in_step``: the device is in step with the hook, so the module is written back for
+        callbacks that may read it (not between the events ``needs_sync`` let run ahead)."""
         cbs = self.cb.for_hook(name)
         if not cbs:
             return
-        needs_module = self.fitting and self.cb.needs_module(name)
+        needs_module = in_step and self.fitting and self.cb.needs_module(name)
         if needs_module:
             self._sync_to_module()
         first = None
@@ -779,11 +517,3 @@ class Trainer:
         raise ``TrainingInterrupted`` naming the step and the checkpoint."""
         self._hook("on_interrupt")
         raise interrupt.interrupted(self, self._signals.received, self._saving_dirs())
-
-    @staticmethod
-    def _check_module(module: Any) -> None:
-        if not isinstance(module, TrainModule):
-            raise TypeError(
-                f"expected an nnxfit.TrainModule, got {type(module).__name__}. Subclass "
-                "nnxfit.TrainModule and define training_step and configure_optimizers."
-            )

@@ -1,7 +1,7 @@
 """Warnings that point at the user's line, not into nnxfit.
 
 A fixed ``stacklevel`` is right for one call path only: the same callback warns from a hook
-called by ``_hook`` called by ``_deliver`` called by ``_train_loop`` called by ``fit``, and
+called by ``_hook`` called by ``_deliver`` called by ``loop.run`` called by ``fit``, and
 the depth changes whenever the loop does. ``user_stacklevel`` walks the stack instead, to
 the first frame outside nnxfit and the libraries it calls user code through (jax tracing a
 step, ``contextlib``), so the warning names the user's file and line: the ``fit(...)`` call,
@@ -33,9 +33,8 @@ def _library_dirs() -> tuple[str, ...]:
 
 
 def _internal(filename: str, dirs: tuple[str, ...]) -> bool:
-    if filename.startswith(
-        "<"
-    ):  # <frozen importlib...> is Python's; <stdin>, <ipython-...> the user's
+    if filename.startswith("<"):
+        # <frozen importlib...> is Python's own; <stdin>, <ipython-input-...> are the user's.
         return filename.startswith("<frozen")
     path = os.path.abspath(filename)
     return path.startswith(dirs) or path in _STDLIB_FILES

@@ -68,8 +68,6 @@ def toy_data(n=100, din=8, seed=0):
 class SignalAt(nnxfit.Callback):
     """Sends this process ``signum`` from the hook of step ``step`` (a real preemption)."""
 
-    reads_module = False
-
     def __init__(self, step, signum=signal.SIGTERM):
         self.step, self.signum = step, signum
 

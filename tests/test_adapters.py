@@ -144,8 +144,6 @@ def test_a_distributed_sampler_gets_each_epoch():
 
 
 class Seen(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self):
         self.epochs = []
 
@@ -269,8 +267,6 @@ def test_grain_finite_dataloader_new_pass_each_epoch_and_validation_restarts():
 
 def test_trainer_checkpoints_the_grain_position_it_trained_not_the_prefetched_one():
     class Snap(nnxfit.Callback):
-        reads_module = False
-
         def on_train_batch_end(self, trainer, module, step, logs):
             if step == 7:
                 self.state = trainer.loop_state()

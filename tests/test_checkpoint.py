@@ -74,8 +74,6 @@ class EpochSnapshots(nnxfit.Callback):
 
 
 class CrashAt(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, step):
         self.step = step
 
@@ -139,7 +137,6 @@ class WatchDir(nnxfit.Callback):
     """Lists the complete checkpoints of a folder after every call."""
 
     order = 60
-    reads_module = False
 
     def __init__(self, directory):
         self.directory, self.seen = directory, []
@@ -245,7 +242,6 @@ def test_mode_auto_reads_the_direction_from_the_name():
 
 
 class Batches(nnxfit.Callback):
-    reads_module = False
     calls = 0
 
     def on_train_batch_end(self, trainer, module, step, logs):
@@ -301,8 +297,7 @@ def test_step_saves_hold_the_state_of_their_step_while_the_device_runs_ahead(tmp
     data = nnxfit.data.ArrayLoader((x, y), 8, shuffle=True)  # 12 steps per epoch
 
     class Lag(nnxfit.Callback):
-        reads_module = False
-        epoch_end_barrier = False
+        records_only = True
         lags: dict = {}
 
         def on_train_batch_end(self, trainer, module, step, logs):

@@ -93,8 +93,6 @@ def test_listeners_are_removed_after_fit_even_on_error():
     before = (len(monitoring.get_event_duration_listeners()), len(monitoring.get_event_listeners()))
 
     class Boom(nnxfit.Callback):
-        reads_module = False
-
         def on_train_batch_end(self, trainer, module, step, logs):
             raise RuntimeError("boom")
 
@@ -169,8 +167,6 @@ class WriteLR(nnxfit.Callback):
     """At the end of epoch 0, writes a new learning rate into the optimizer state by hand,
     as ``make(old)`` builds it."""
 
-    reads_module = False
-
     def __init__(self, make):
         self.make = make
 
@@ -232,8 +228,6 @@ def test_a_weak_type_change_is_named():
 
 def test_set_hyperparameter_never_warns():
     class SetLR(nnxfit.Callback):
-        reads_module = False
-
         def on_train_epoch_end(self, trainer, module, epoch, logs):
             trainer.set_hyperparameter("learning_rate", 0.05 / (epoch + 1))
 

@@ -114,8 +114,6 @@ class Slow(nnxfit.TrainModule):
 
 
 class ReadyProbe(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, sync=False):
         self.sync, self.ready = sync, []
 
@@ -262,8 +260,6 @@ def test_should_stop_and_max_steps():
     x, y = toy_data(64)
 
     class Stop(nnxfit.Callback):
-        reads_module = False
-
         def on_train_batch_end(self, trainer, module, step, logs):
             if step == 5:
                 trainer.should_stop = True
@@ -343,8 +339,7 @@ def test_device_runs_ahead_of_recording_hooks_and_waits_for_the_others(tmp_path)
     x, y = toy_data(100)
 
     class Lag(nnxfit.Callback):  # records only: the device may run ahead of it
-        reads_module = False
-        epoch_end_barrier = False
+        records_only = True
 
         def __init__(self):
             self.seen, self.lags = [], []  # what the hooks saw; dispatched steps ahead of them
@@ -361,8 +356,6 @@ def test_device_runs_ahead_of_recording_hooks_and_waits_for_the_others(tmp_path)
             self.lags.append(trainer.dispatch_step - trainer.global_step)
 
     class EveryThird(nnxfit.Callback):  # needs the device in step at steps 3, 6, ... only
-        reads_module = False
-
         def needs_sync(self, trainer, event, step, n_steps):
             return event == "batch" and step % 3 == 0
 
@@ -412,8 +405,7 @@ def test_signal_while_the_device_runs_ahead_stops_where_every_hook_has_run():
     x, y = toy_data(100)
 
     class SignalAt(nnxfit.Callback):  # records only, so the device runs ahead of it
-        reads_module = False
-        epoch_end_barrier = False
+        records_only = True
 
         def __init__(self):
             self.steps = []

@@ -33,8 +33,6 @@ def read(path):
 
 
 class LogRecorder(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self):
         self.train = []
 
@@ -74,8 +72,6 @@ def test_rows_match_history_and_train_logs(tmp_path):
 class LateMetric(nnxfit.Callback):
     """Adds a metric to the epoch logs from epoch 1 on (and a NaN one at epoch 2)."""
 
-    reads_module = False
-
     def on_train_epoch_end(self, trainer, module, epoch, logs):
         if epoch >= 1:
             logs["late"] = 10.0 + epoch
@@ -110,8 +106,6 @@ def test_new_columns_rewrite_the_header_and_pad_earlier_rows(tmp_path):
 class FlushProbe(nnxfit.Callback):
     """Reads the CSV from disk while the fit runs, at the start of each epoch."""
 
-    reads_module = False
-
     def __init__(self, path):
         self.path = path
         self.seen = []
@@ -122,8 +116,6 @@ class FlushProbe(nnxfit.Callback):
 
 
 class Crash(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, at_step):
         self.at_step = at_step
 

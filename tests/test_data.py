@@ -27,8 +27,6 @@ def batches(n=64, bs=16, seed=0):
 
 
 class StepCounter(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self):
         self.val_steps = []
         self.val_logs = []

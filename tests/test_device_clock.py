@@ -142,8 +142,7 @@ def test_compiles_on_the_loop_thread_are_excluded_once():
 
 
 class Seen(nnxfit.Callback):
-    reads_module = False
-    epoch_end_barrier = False
+    records_only = True
 
     def __init__(self):
         self.seen = []

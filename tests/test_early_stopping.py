@@ -30,7 +30,6 @@ class Scripted(nnxfit.Callback):
     optionally asks the fit to stop at ``stop_at`` (another callback requesting a stop)."""
 
     order = -50
-    reads_module = False
 
     def __init__(self, values, name="score", stop_at=None):
         self.values, self.name, self.stop_at = values, name, stop_at

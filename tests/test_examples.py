@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# One xdist worker runs this whole file (``make test`` passes ``--dist loadgroup``): the
+# fixture is per worker, so split over two it would start every example twice.
+pytestmark = pytest.mark.xdist_group("examples")
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = [
     "digits_cnn",
@@ -22,6 +26,7 @@ NAMES = [
     "data_parallel",
     "fsdp",
     "digits_f1_export",
+    "lr_find",
 ]
 
 
@@ -122,3 +127,12 @@ def test_digits_f1_export(runs):
     assert 0.0 <= f1 <= 1.0 and "test confusion matrix" in out
     assert line.endswith("fresh-process predictions equal: True")
     assert (cwd / "runs/digits_f1/weights").is_dir()
+
+
+def test_lr_find(runs):
+    line, out, cwd = check(runs, "lr_find")
+    lr = float(re.search(r"suggested lr=([0-9.e+-]+)", line).group(1))
+    assert 1e-7 <= lr <= 10.0
+    assert line.endswith("module untouched: True")
+    png = cwd / "runs/lr_find/lr_find.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -132,8 +132,6 @@ class Boom(Exception):
 
 
 class CrashAt(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, step):
         self.step = step
         self.error = Boom(f"boom at {step}")

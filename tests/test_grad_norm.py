@@ -46,8 +46,6 @@ def data(scales, steps_each=4):
 
 
 class Logs(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self):
         self.at = {}
 

@@ -49,8 +49,6 @@ def trainer(**kw):
 
 
 class Recorder(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self):
         self.steps = []
 
@@ -239,8 +237,6 @@ def test_anything_else_is_refused_when_the_trainer_is_made(value, match):
 
 # ------------------------------------------------------ monitors of callback metrics ---
 class LossEMA(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, declare=True):
         self.declare, self.ema, self.seen = declare, None, []
 

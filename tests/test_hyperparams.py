@@ -195,8 +195,6 @@ class Compiles(nnxfit.Callback):
     """Counts real compiles (jax's backend-compile events, not traces) of the fit's train and
     validation programs, per epoch end."""
 
-    reads_module = False
-
     def __init__(self):
         self.names: list[str] = []
         self.per_epoch: list[tuple[int, int]] = []
@@ -243,8 +241,6 @@ def test_reduce_lr_every_epoch_never_compiles_again():
 class SetEveryEpoch(nnxfit.Callback):
     """A user's schedule written from a hook: learning rate and Adam's b1."""
 
-    reads_module = False
-
     def __init__(self):
         self.read: list[tuple[float, float]] = []
 
@@ -268,8 +264,6 @@ def test_set_hyperparameter_from_a_callback_never_compiles_again():
 
 
 class Probe(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, action):
         self.action, self.got = action, []
 

@@ -69,7 +69,8 @@ def test_hooks_run_in_a_real_fit_and_see_and_change_the_module():
 def test_order_and_reads_module_are_options():
     late = LambdaCallback(on_fit_start=lambda t, m: None, order=100, reads_module=False)
     early = LambdaCallback(on_fit_start=lambda t, m: None, order=-5)
-    cbs = CallbackList([late, early])
+    with pytest.warns(DeprecationWarning, match="reads_module, deprecated"):
+        cbs = CallbackList([late, early])
     assert cbs.for_hook("on_fit_start") == [early, late]
     assert cbs.needs_module("on_fit_start") and not CallbackList([late]).needs_module(
         "on_fit_start"

@@ -31,8 +31,6 @@ class WithOptimizer(Classifier):
 
 
 class Logs(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self):
         self.lr = {}
 

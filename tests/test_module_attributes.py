@@ -142,7 +142,6 @@ def test_early_stopping_restores_best_weights_of_a_module_with_array_attributes(
     class Worse(nnxfit.Callback):
         """A validation loss that is best at epoch 0."""
 
-        reads_module = False
         order = -10
 
         def on_validation_end(self, trainer, module, logs):

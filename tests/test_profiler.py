@@ -23,7 +23,6 @@ class StepLog(nnxfit.Callback):
     """Records which steps ran while a trace was active (jax's own profiler state)."""
 
     order = 1000
-    reads_module = False
 
     def __init__(self):
         self.traced = []
@@ -62,8 +61,6 @@ def test_fit_shorter_than_the_window_still_writes_and_stops(tmp_path):
 
 def test_trace_is_stopped_when_fit_raises(tmp_path):
     class Boom(nnxfit.Callback):
-        reads_module = False
-
         def on_train_batch_end(self, trainer, module, step, logs):
             if step == 3:
                 raise RuntimeError("boom")

@@ -16,6 +16,7 @@ from nnxfit.compile_watch import TRACE_EVENT
 from nnxfit.data import ArrayLoader
 from nnxfit.device_clock import DeviceProgress
 from nnxfit.errors import ConfigError
+from nnxfit.loop import epochs_total
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -49,8 +50,7 @@ class Snapshots(nnxfit.Callback):
     """Renders the live bar after each call, with the device's progress the hooks saw."""
 
     order = 95  # after the bar has taken the call's step and logs
-    reads_module = False
-    epoch_end_barrier = False
+    records_only = True
 
     def __init__(self, bar):
         self.bar = bar
@@ -160,8 +160,6 @@ def test_non_terminal_interval_lines():
 
 
 class FailAt(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, step):
         self.step = step
 
@@ -207,6 +205,10 @@ class FakeTrainer:
         self.steps_per_epoch = steps_per_epoch
         self.device_progress = DeviceProgress(0, 0.0)
 
+    @property
+    def epochs_total(self):  # as the Trainer's (``FitView.epochs_total``)
+        return epochs_total(self.max_epochs, self.max_steps, self.steps_per_epoch)
+
 
 def test_bar_counts_and_times_what_the_device_finished(monkeypatch):
     # The hooks got 10 calls in a burst while the device was known to have finished 4 steps
@@ -243,8 +245,7 @@ class Frames(nnxfit.Callback):
     blocked and only rich's refresh thread redraws)."""
 
     order = 95
-    reads_module = False
-    epoch_end_barrier = False
+    records_only = True
 
     def __init__(self, bar):
         self.bar, self.frames = bar, []

@@ -32,7 +32,6 @@ class WithOptimizer(Classifier):
 
 class Scripted(nnxfit.Callback):
     order = -50
-    reads_module = False
 
     def __init__(self, values):
         self.values = values
@@ -70,8 +69,6 @@ def test_plateau_lowers_the_rate_the_step_uses_without_recompiling():
     compiles = []
 
     class Compiles(nnxfit.Callback):
-        reads_module = False
-
         def on_train_epoch_end(self, trainer, module, epoch, logs):
             # Real compiles of the train programs, traced or not (CompileWatch, by default).
             watch = next(c for c in trainer.cb if isinstance(c, nnxfit.CompileWatch))

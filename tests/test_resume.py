@@ -40,7 +40,6 @@ class EpochEnds(nnxfit.Callback):
     """Stateful: which epoch ends it has seen; a resume must neither repeat nor skip one."""
 
     order = 10
-    reads_module = False
 
     def __init__(self):
         self.seen = []
@@ -56,7 +55,6 @@ class EpochEnds(nnxfit.Callback):
 
 
 class Batches(nnxfit.Callback):
-    reads_module = False
     calls = 0
 
     def on_train_batch_end(self, trainer, module, step, logs):

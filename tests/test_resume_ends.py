@@ -119,8 +119,6 @@ def test_train_longer_after_max_epochs_and_after_max_steps_at_an_epoch_end(tmp_p
 class StopAt(nnxfit.Callback):
     """Sets ``should_stop`` at one step: a user's decision inside an epoch."""
 
-    reads_module = False
-
     def __init__(self, step):
         self.step = step
 
@@ -181,7 +179,6 @@ def test_early_stopping_decides_again_in_a_resumed_fit(tmp_path):
 
     class Flat(nnxfit.Callback):
         order = -10
-        reads_module = False
 
         def on_validation_end(self, trainer, module, logs):
             logs["val_loss"] = 1.0  # never improves after epoch 0

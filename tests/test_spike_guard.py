@@ -74,7 +74,7 @@ def test_a_skipped_spike_equals_a_run_that_never_saw_that_batch():
     """Params, RNG, optimizer state, the buffer and an EMA of the params, bit for bit."""
     spiked = batches(spikes={20})
     trainer, module, logs, msgs = fit(spiked, [guard(), EMA(0.9)])
-    assert trainer.carry.spike_steps == 1 and trainer.carry.first_spike_step == 21
+    assert trainer.spike_steps == 1 and trainer.first_spike_step == 21
     assert logs["spike_steps"] == [1.0]
     assert sum("loss at step 21 was above mean + 6 x std" in m for m in msgs) == 1
     clean_trainer, clean, clean_logs, _ = fit(without(spiked, {20}), [guard(), EMA(0.9)])
@@ -86,7 +86,7 @@ def test_a_skipped_spike_equals_a_run_that_never_saw_that_batch():
 def test_a_spiking_grad_norm_is_skipped_too():
     spiked = batches(spikes={20})
     trainer, module, _, _ = fit(spiked, [guard(monitor="grad_norm")])
-    assert trainer.carry.first_spike_step == 21
+    assert trainer.first_spike_step == 21
     clean_trainer, clean, _, _ = fit(without(spiked, {20}), [guard(monitor="grad_norm")])
     assert same(state(trainer, module), state(clean_trainer, clean))
 
@@ -95,9 +95,9 @@ def test_nothing_is_skipped_before_window_values_were_seen():
     """Step WINDOW (WINDOW - 1 values seen) is applied however far it is off; the step after
     WINDOW values were seen is skipped."""
     trainer, _, logs, _ = fit(batches(spikes={WINDOW - 1}), [guard()])
-    assert trainer.carry.spike_steps == 0 and logs["spike_steps"] == [0.0]
+    assert trainer.spike_steps == 0 and logs["spike_steps"] == [0.0]
     trainer, _, _, _ = fit(batches(spikes={WINDOW}), [guard()])
-    assert trainer.carry.first_spike_step == WINDOW + 1
+    assert trainer.first_spike_step == WINDOW + 1
 
 
 def test_interrupted_and_resumed_fit_skips_what_the_uninterrupted_one_skips(tmp_path):
@@ -117,12 +117,12 @@ def test_interrupted_and_resumed_fit_skips_what_the_uninterrupted_one_skips(tmp_
         return trainer, state(trainer, module)
 
     ref, ref_state = run(tmp_path / "ref")
-    assert ref.carry.spike_steps == 2
+    assert ref.spike_steps == 2
     with pytest.raises(nnxfit.TrainingInterrupted):
         run(tmp_path / "run", [SignalAt(14)])
     assert read_meta(tmp_path / "run" / "checkpoints")["step"] == 14
     resumed, resumed_state = run(tmp_path / "run", resume=True)
-    assert resumed.carry.spike_steps == 2
+    assert resumed.spike_steps == 2
     assert same(resumed_state, ref_state)
 
 
@@ -133,7 +133,7 @@ def test_with_nan_guard_one_gate_skips_both():
     callbacks = [NaNGuard("skip"), guard()]
     trainer, module, logs, msgs = fit(data, callbacks)
     assert not trainer.programs.config.speculate  # SpikeGuard gates in the step
-    assert (trainer.carry.nonfinite_steps, trainer.carry.spike_steps) == (1, 1)
+    assert (trainer.nonfinite_steps, trainer.spike_steps) == (1, 1)
     assert logs["nonfinite_steps"] == [1.0] and logs["spike_steps"] == [1.0]
     clean_trainer, clean, _, _ = fit(without(data, {12, 30}), [NaNGuard("skip"), guard()])
     assert same(state(trainer, module), state(clean_trainer, clean))
@@ -165,4 +165,4 @@ def test_a_checkpoint_after_a_stop_holds_the_state_before_the_spike(tmp_path):
     assert read_meta(tmp_path / "checkpoints")["step"] == 22
     callbacks = [guard(action="stop"), ModelCheckpoint()]
     resumed, _, _, _ = fit(batches(), callbacks, workdir=tmp_path, resume=True)
-    assert resumed.global_step == 40 and resumed.carry.spike_steps == 0
+    assert resumed.global_step == 40 and resumed.spike_steps == 0

@@ -28,8 +28,6 @@ def scalars(log_dir):
 
 
 class LogRecorder(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self):
         self.train = []
 
@@ -107,7 +105,6 @@ def test_events_reach_disk_at_epoch_end_and_the_file_closes_on_an_exception(tmp_
     tb = TensorBoardLogger(log_dir=tmp_path / "tb")
 
     class Probe(nnxfit.Callback):
-        reads_module = False
         seen = []
 
         def on_train_epoch_start(self, trainer, module, epoch):

@@ -36,8 +36,7 @@ class SlowData:
 
 class BatchLogs(nnxfit.Callback):
     order = 50  # after the monitor
-    reads_module = False
-    epoch_end_barrier = False
+    records_only = True
 
     def __init__(self):
         self.logs = []
@@ -115,7 +114,7 @@ def test_records_only_so_the_device_keeps_running_ahead():
 class FakeTrainer:
     is_global_zero, prefetch, grad_accum_steps, global_step = True, 0, 1, 0
 
-    class _spec:
+    class batch_spec:  # as the Trainer's (``FitView.batch_spec``)
         batch_size = 8
 
     def __init__(self):

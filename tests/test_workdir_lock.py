@@ -74,8 +74,6 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path
 class FitAgain(nnxfit.Callback):
     """From ``on_fit_start``, tries another fit into ``workdir``; keeps what happened."""
 
-    reads_module = False
-
     def __init__(self, workdir):
         self.workdir, self.error, self.history = workdir, None, None
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from nnxfit.errors import ConfigError
 from nnxfit.step import StepFeatures
+from nnxfit.warn import warn
 
 # The ``trainer`` every hook receives is an ``nnxfit.Trainer``. This module sits below the
 # Trainer (which imports it), so it names the type without importing it.
@@ -27,6 +28,62 @@ HOOKS = (
 )
 
 
+def _legacy(callback: Any, name: str) -> bool | None:
+    """The value ``callback`` (or a subclass of ``Callback`` it is an instance of) gives the
+    deprecated switch ``name``; None when nothing does."""
+    if name in vars(callback):
+        return bool(vars(callback)[name])
+    for cls in type(callback).__mro__:
+        if cls is Callback:
+            return None
+        if name in cls.__dict__:
+            return bool(cls.__dict__[name])
+    return None
+
+
+def _deprecated(name: str) -> property:
+    def get(self) -> bool:
+        value = _legacy(self, name)
+        return not self.records_only if value is None else value
+
+    def set_(self, value: bool) -> None:
+        self.__dict__[name] = bool(value)
+
+    doc = (
+        f"Deprecated: set ``records_only`` instead. ``{name} = False`` still works: with "
+        "both old switches False the callback is ``records_only``; ``reads_module = False`` "
+        "alone spares the module write-back before its hooks."
+    )
+    return property(get, set_, doc=doc)
+
+
+_WARNED: set[type] = set()
+
+
+def switches(callback: Any) -> tuple[bool, bool]:
+    """``(records_only, reads_module)`` of ``callback``, the deprecated switches folded in
+    (warning once per class that sets them): records only when ``records_only`` says so or
+    both old switches are False (their old meaning); the module is written back for it unless
+    it records only or set ``reads_module = False``."""
+    reads, barrier = _legacy(callback, "reads_module"), _legacy(callback, "epoch_end_barrier")
+    if reads is None and barrier is None:
+        return callback.records_only, not callback.records_only
+    cls = type(callback)
+    if cls not in _WARNED:
+        _WARNED.add(cls)
+        old = [
+            n for n, v in (("reads_module", reads), ("epoch_end_barrier", barrier)) if v is not None
+        ]
+        warn(
+            f"{cls.__name__} sets {' and '.join(old)}, deprecated: set records_only = True on a "
+            "callback whose hooks only record (then the device runs ahead of them), or leave "
+            "it False and narrow needs_sync.",
+            DeprecationWarning,
+        )
+    records = callback.records_only or (reads is False and barrier is False)
+    return records, not records and reads is not False
+
+
 class Callback:
     """Base class: every hook is a no-op; override the ones you need.
 
@@ -34,12 +91,15 @@ class Callback:
 
     * ``order``: lower runs first (the NaN guard runs before checkpoints, so a bad state is
       never saved; loggers run last so they see what others logged).
-    * ``reads_module``: ``False`` promises the callback never looks at the module, so the
-      Trainer need not write its on-device state back before the hook runs.
-    * ``epoch_end_barrier``: ``False`` promises the loop hooks (batch end, epoch start and end)
-      only record (loggers, progress): they neither read nor change the training state, so
-      the device may run a few steps ahead of them. Other callbacks are asked ``needs_sync``
-      before each of their hooks' events.
+    * ``records_only``: ``True`` promises that the hooks only record (logs, counters, clocks,
+      files): they neither read nor change the training state or the module. The Trainer
+      then never waits for the device before them nor writes the module back for them: the
+      device runs a few calls ahead, and the hooks see every step, epoch and log in order, a
+      little later, so a log fetch never leaves the device idle. Such a hook must not stop
+      the fit either, unless the device has already frozen the state, as ``NaNGuard``'s step
+      does: the calls dispatched after the stop are then forgotten, and the fit ends where it
+      was seen. Any other callback sees the device in step at the events of its hooks, the
+      module written back, unless ``needs_sync`` narrows which events those are.
     * ``step_features``: names of quantities the jitted step must compute for this callback:
       ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``;
       or a ``step.StepFeatures`` for the features with values (``EMA``, ``SpikeGuard``).
@@ -55,16 +115,11 @@ class Callback:
     """
 
     order: int = 0
-    reads_module: bool = True
+    records_only: bool = False
     step_features: frozenset[str] | StepFeatures = frozenset()
-    # False (with reads_module False) promises that the loop hooks (on_train_batch_end,
-    # on_train_epoch_start/_end) only record (logs, counters, clocks): they neither read nor
-    # change the training state, and the Trainer never waits for the device before them: they
-    # see every step in order, a little later, and a log fetch never leaves the device idle.
-    # Such a hook must not stop the fit either, unless the device has already frozen the
-    # state, as NaNGuard's step does: the calls dispatched after the stop are then forgotten,
-    # and the fit ends where it was seen.
-    epoch_end_barrier: bool = True
+    # The two switches ``records_only`` replaced, read and set as before (``_deprecated``).
+    reads_module = _deprecated("reads_module")
+    epoch_end_barrier = _deprecated("epoch_end_barrier")
 
     def on_fit_start(self, trainer: Trainer, module) -> None:
         pass
@@ -107,7 +162,7 @@ class Callback:
         """Whether the hook for ``event`` must see the device in step with it: nothing
         dispatched past the call that ends at ``step`` (``n_steps`` steps long). ``event`` is
         ``"batch"``, ``"epoch_start"`` or ``"epoch_end"``. Asked at dispatch time, and only of
-        callbacks on that hook that do not promise to record only (``epoch_end_barrier``).
+        callbacks on that hook that are not ``records_only``.
         The default, always, is safe; narrow it to let the device run ahead in between (as
         ``ModelCheckpoint`` does for the steps it does not save at)."""
         return True
@@ -184,11 +239,12 @@ class CallbackList:
         self.callbacks = sorted(cbs, key=lambda c: (c.order, not overrides(c, "logged_metrics")))
         self._by_hook = {h: [c for c in self.callbacks if overrides(c, h)] for h in HOOKS}
         # Looked up on every call of a hook: computed once, not per step.
-        self._reads = {h: any(c.reads_module for c in cbs) for h, cbs in self._by_hook.items()}
-        self._syncing = {
-            h: [c for c in cbs if c.epoch_end_barrier or c.reads_module]
-            for h, cbs in self._by_hook.items()
-        }
+        records, reads = {}, {}
+        for c in self.callbacks:
+            records[id(c)], reads[id(c)] = switches(c)
+        by_hook = self._by_hook.items()
+        self._reads = {h: any(reads[id(c)] for c in cbs) for h, cbs in by_hook}
+        self._syncing = {h: [c for c in cbs if not records[id(c)]] for h, cbs in by_hook}
 
     def __iter__(self):
         return iter(self.callbacks)
@@ -200,11 +256,13 @@ class CallbackList:
         return self._by_hook[hook]
 
     def syncing(self, hook: str) -> list[Callback]:
-        """The callbacks on ``hook`` that do not promise to only record: the Trainer asks them
+        """The callbacks on ``hook`` that are not ``records_only``: the Trainer asks them
         ``needs_sync`` before it dispatches past one of their hooks."""
         return self._syncing[hook]
 
     def needs_module(self, hook: str) -> bool:
+        """Whether a callback on ``hook`` may read the module: the Trainer writes the device
+        state back to it before the hook, at the events in step with the device."""
         return self._reads[hook]
 
     def step_features(self) -> StepFeatures:

@@ -80,7 +80,6 @@ class ModelCheckpoint(Callback):
     """
 
     order = 50  # after NaNGuard (a bad state is never saved), before the loggers
-    reads_module = False
 
     def __init__(
         self,

@@ -90,8 +90,7 @@ class CompileWatch(Callback):
     """
 
     order = -1000  # first: its hooks only arm and disarm listeners
-    reads_module = False
-    epoch_end_barrier = False  # records only
+    records_only = True
 
     def __init__(self, warn: bool = True):
         self.warn = warn

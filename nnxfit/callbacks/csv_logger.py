@@ -56,8 +56,7 @@ class CSVLogger(Callback):
     """
 
     order = 95  # after the callbacks that add to the logs
-    reads_module = False
-    epoch_end_barrier = False  # records only
+    records_only = True
 
     def __init__(self, filename: str | os.PathLike = "metrics.csv", append: bool = True):
         self.filename = os.fspath(filename)

@@ -112,8 +112,6 @@ class EarlyStopping(Callback):
         self.restore_best_weights = bool(restore_best_weights)
         self.check_finite = bool(check_finite)
         self.verbose = bool(verbose)
-        # Only a callback that snapshots weights needs the module written back for its hook.
-        self.reads_module = self.restore_best_weights
         self._reset()
 
     @property

@@ -39,7 +39,9 @@ class EMA(Callback):
     # After every on_fit_end that saves (ModelCheckpoint's last checkpoint holds the raw
     # parameters a resume continues from), and after the loggers.
     order = 10**6
-    reads_module = False  # writes the module once, after the fit
+    # Not records_only: on_fit_end writes the average into the module. Its only hook, so
+    # the loop never waits for the device for it (barriers come from the loop hooks).
+    records_only = False
 
     def __init__(
         self, decay: float = 0.999, validate_with_ema: bool = True, apply_at_end: bool = True

@@ -46,8 +46,7 @@ class GradNormMonitor(Callback):
     """
 
     order = -90  # after NaNGuard, before the loggers
-    reads_module = False
-    epoch_end_barrier = False  # records and warns only
+    records_only = True  # records and warns only
 
     def __init__(
         self,

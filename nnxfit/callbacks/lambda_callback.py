@@ -19,9 +19,10 @@ from nnxfit.callbacks.base import Callback
 class LambdaCallback(Callback):
     """A callback built from functions: ``LambdaCallback(on_fit_start=fn, ...)``.
 
-    ``order`` and ``reads_module`` work as on any callback; pass ``reads_module=False`` when
-    no function looks at the module, which spares the Trainer writing its state back before
-    the hook (worth it for ``on_train_batch_end``).
+    ``order`` and ``records_only`` work as on any callback; pass ``records_only=True`` when
+    the functions only record (log, count, time): the device then runs ahead of them and the
+    Trainer never writes its state back to the module for them (worth it for
+    ``on_train_batch_end``). ``reads_module`` is the deprecated switch it replaced.
     """
 
     def __init__(
@@ -39,7 +40,8 @@ class LambdaCallback(Callback):
         on_exception: Callable | None = None,
         *,
         order: int = 0,
-        reads_module: bool = True,
+        records_only: bool = False,
+        reads_module: bool | None = None,
     ):
         hooks = dict(
             on_fit_start=on_fit_start,
@@ -64,7 +66,9 @@ class LambdaCallback(Callback):
         self.functions = given
         attrs: dict = {name: staticmethod(fn) for name, fn in given.items()}
         cls = type(self)
-        attrs.update(order=order, reads_module=reads_module, __qualname__=cls.__qualname__)
+        attrs.update(order=order, records_only=records_only, __qualname__=cls.__qualname__)
+        if reads_module is not None:  # deprecated (``Callback.reads_module``)
+            attrs["reads_module"] = reads_module
         # A subclass per instance: class-level overrides are what the dispatcher looks at.
         self.__class__ = type(cls.__name__, (cls,), attrs)
 

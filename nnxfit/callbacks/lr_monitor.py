@@ -32,7 +32,6 @@ class LearningRateMonitor(Callback):
     """Logs ``lr`` (the rate of the latest step at log steps; of the epoch's last step at
     epoch end). When the rate cannot be read, warns once at fit start and logs nothing."""
 
-    reads_module = False
     step_features = frozenset({"lr"})
 
     def on_fit_start(self, trainer, module) -> None:

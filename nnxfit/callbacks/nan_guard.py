@@ -13,7 +13,7 @@ log interval or epoch end, with no per-step sync, and can still name the exact s
 For a state up to 1 MiB the step does not gate its update, which would make it wait for the
 whole gradient's check (+33-45 % on a small MLP on 2 CPU cores); the Trainer keeps a copy of
 the state and re-runs from it with the bad step undone, before any callback can see the state
-(``Trainer._rollback``). Either way the outcome above holds.
+(``speculation.py``). Either way the outcome above holds.
 
 The guard runs before checkpoint callbacks (``order``): with "stop", the checkpoint written
 when the fit ends holds the last good state.
@@ -45,12 +45,11 @@ class NaNGuard(Callback):
     """
 
     order = -100  # before checkpoints: the fit is stopped before anything saves
-    reads_module = False
     # No bad update reaches a state anyone sees, so this guard may learn of a non-finite step
     # a few steps late (the Trainer's lookahead): the step gates its update, or, for states
-    # up to ``trainer.SPECULATE_MAX_BYTES``, runs ungated and the Trainer re-runs from a copy
-    # it keeps, with that step undone, before any hook sees the state (``Trainer._rollback``).
-    epoch_end_barrier = False
+    # up to ``speculation.SPECULATE_MAX_BYTES``, runs ungated and the loop re-runs from a copy
+    # it keeps, with that step undone, before any hook sees the state (``speculation.py``).
+    records_only = True
 
     def __init__(self, action: str = "stop"):
         if action not in ACTIONS:

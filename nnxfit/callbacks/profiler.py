@@ -26,7 +26,6 @@ class Profiler(Callback):
     """
 
     order = 900  # late: the window should hold what other callbacks do at a step
-    reads_module = False
 
     def __init__(self, start_step: int = 10, num_steps: int = 10, dirname: str = "profile"):
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:

@@ -66,12 +66,6 @@ def format_seconds(s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
-def format_rate(steps: float, seconds: float) -> str:
-    if seconds <= 0 or steps <= 0:
-        return ""
-    return format_speed(steps / seconds)
-
-
 def format_speed(rate: float | None) -> str:
     """``153 steps/s``, ``4.2 steps/s``, ``2.5 s/step``; empty when unknown."""
     if not rate or rate <= 0:
@@ -105,9 +99,9 @@ class _FieldColumn(ProgressColumn):
 
 
 class _StatusColumn(ProgressColumn):
-    """What the loop is busy with when it is not training (compiling, validating), with the
-    time it has taken so far; else the latest metrics. Rendered by rich's refresh thread, so
-    it ticks on while the loop is blocked in a compile."""
+    """What the loop is compiling (the train step, the validation step, a new batch shape)
+    with the time so far; else the latest metrics. Rendered by rich's refresh thread, so it
+    ticks on while the loop is blocked in a compile."""
 
     def __init__(self, bar: ProgressBar):
         super().__init__(table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1))
@@ -138,8 +132,7 @@ class ProgressBar(Callback):
     """
 
     order = 90  # late: show what other callbacks added to the logs
-    reads_module = False
-    epoch_end_barrier = False  # records only
+    records_only = True
 
     def __init__(
         self,

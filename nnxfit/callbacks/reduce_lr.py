@@ -50,7 +50,6 @@ class ReduceLROnPlateau(Callback):
     ``lr`` (the rate of the epoch's last step) is logged at log steps and epoch ends.
     """
 
-    reads_module = False
     step_features = frozenset({"lr"})  # logs the rate the step used, from the opt state
 
     def __init__(

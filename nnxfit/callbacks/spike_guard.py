@@ -49,8 +49,7 @@ class SpikeGuard(Callback):
     """
 
     order = -95  # after NaNGuard, before checkpoints: a stopped fit saves the good state
-    reads_module = False
-    epoch_end_barrier = False  # records only; a stop comes after the step froze the state
+    records_only = True  # a stop comes after the step froze the state, as NaNGuard's
 
     def __init__(
         self,
@@ -93,8 +92,7 @@ class SpikeGuard(Callback):
         self._check(trainer)
 
     def _check(self, trainer) -> None:
-        carry = trainer.carry
-        n = None if carry is None else carry.first_spike_step
+        n = trainer.first_spike_step
         if n is None or self.spike_step is not None:
             return
         self.spike_step = n
@@ -106,7 +104,7 @@ class SpikeGuard(Callback):
             warn(
                 f"{what}; that update was skipped (parameters, optimizer and module state kept) "
                 f"and training goes on. Later skips are counted in the logs as spike_steps "
-                f"({carry.spike_steps} by step {trainer.global_step}).",
+                f"({trainer.spike_steps} by step {trainer.global_step}).",
                 SpikeWarning,
             )
             return

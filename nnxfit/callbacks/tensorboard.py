@@ -51,8 +51,7 @@ class TensorBoardLogger(Callback):
     """
 
     order = 95  # after the callbacks that add to the logs
-    reads_module = False
-    epoch_end_barrier = False  # records only
+    records_only = True
 
     def __init__(self, log_dir: str | os.PathLike | None = None):
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None

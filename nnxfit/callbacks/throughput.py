@@ -40,7 +40,8 @@ class DataBottleneckWarning(UserWarning):
 class ThroughputMonitor(Callback):
     """Logs ``steps_per_sec``, ``examples_per_sec`` and ``data_wait_frac``.
 
-    On log steps the values cover about the last ``window`` optimizer steps; at epoch end they
+    On log steps the values cover about the last ``window`` optimizer steps (across an epoch
+    start: the time between epochs is not training time and is left out); at epoch end they
     cover the epoch's training and land in ``History``. ``examples_per_sec`` counts full
     batches (``batch_size * grad_accum_steps`` per step), so a short last batch is counted as
     a full one. Compile times are left out of the rates; ``CompileWatch`` reports them.
@@ -54,8 +55,7 @@ class ThroughputMonitor(Callback):
     """
 
     order = -200  # early: its keys are in the logs before loggers and the progress bar read them
-    reads_module = False
-    epoch_end_barrier = False  # records only: the device keeps running ahead of it
+    records_only = True  # the device keeps running ahead of it
 
     def __init__(self, window: int = 100, warn_data_frac: float | None = 0.5):
         window = positive_int("ThroughputMonitor window", window)
@@ -70,7 +70,7 @@ class ThroughputMonitor(Callback):
         self.warn_data_frac = warn_data_frac
         self.warned_at_step: int | None = None  # step of this fit's bottleneck warning
         self._start: DeviceProgress | None = None  # the device's progress at the epoch's start
-        self._points: deque[DeviceProgress] = deque()  # since then, at log steps
+        self._points: deque[DeviceProgress] = deque()  # at epoch starts and log steps
         self._per_step_examples: int | None = None
 
     def logged_metrics(self, trainer) -> list[str]:
@@ -85,9 +85,9 @@ class ThroughputMonitor(Callback):
         self._per_step_examples = int(batch) * trainer.grad_accum_steps if batch else None
 
     def on_train_epoch_start(self, trainer, module, epoch) -> None:
-        # Each epoch starts afresh from the device's progress at its start.
         self._start = trainer.device_progress
-        self._points.clear()
+        # The window runs on across the epoch start: the device's first steps of an epoch
+        # may be known done only together with later ones, with no time between to tell.
         self._points.append(self._start)
 
     def on_train_batch_end(self, trainer, module, step, logs) -> None:

@@ -41,8 +41,6 @@ class Injected(Classifier):
 
 
 class Record(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self):
         self.per_epoch = []
 

@@ -48,9 +48,10 @@ def main() -> dict:
     one, four = nnxfit.Trainer(max_epochs=1), nnxfit.Trainer(max_epochs=1, mesh=mesh)
     v1 = one.validate(module, val)
     v4 = four.validate(module, val)
-    (programs,) = four._eval_cache.values()
+    programs = four.eval_programs(module)
     traces = programs.eval_trace_count
     v4_again = four.validate(module, val)
+    assert four.eval_programs(module) is programs  # one set of programs per module structure
     repeat_traces = programs.eval_trace_count - traces
     t4 = four.test(module, val)
     pred = one.predict(module, val).argmax(-1)

@@ -226,8 +226,6 @@ class StartShardings(nnxfit.Callback):
     """Records the state's shardings when the first epoch of this run starts (after a resume
     has loaded the checkpoint, before any step could re-place anything)."""
 
-    reads_module = False
-
     def on_train_epoch_start(self, trainer, module, epoch):
         if not hasattr(self, "devices"):
             state = trainer.train_state()

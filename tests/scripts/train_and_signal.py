@@ -82,8 +82,6 @@ def state_arrays(trainer) -> list[np.ndarray]:
 
 
 class Marker(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, path, slow=SLOW):
         self.path, self.slow = path, slow
 
@@ -98,7 +96,6 @@ class Marker(nnxfit.Callback):
 
 class TermAtFitEnd(nnxfit.Callback):
     order = 10  # before ModelCheckpoint (50) writes the final checkpoint
-    reads_module = False
 
     def on_fit_end(self, trainer, module):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -106,7 +103,6 @@ class TermAtFitEnd(nnxfit.Callback):
 
 class KillDuringSave(nnxfit.Callback):
     order = 60  # after ModelCheckpoint (50) has started the save of this step
-    reads_module = False
 
     def __init__(self, directory):
         self.directory = directory
