@@ -32,6 +32,13 @@ from common import DigitsModule, digits, full_batches  # noqa: E402
 import nnxfit  # noqa: E402
 import nnxfit.speculation  # noqa: E402
 from nnxfit.data import ArrayLoader  # noqa: E402
+from nnxfit.spikes import SpikeSpec  # noqa: E402
+from nnxfit.step import StepFeatures  # noqa: E402
+
+# SpikeGuard's window, with a threshold no step reaches: the cost of the test and the gate with
+# every step applied (at 6.0 the MLP, once its loss is near 0, has many steps skipped, which
+# then cost less than a step: the rate would flatter the guard).
+SPIKE = SpikeSpec("loss", 128, 1e30, halt=False)
 
 SETS = {
     "none": [],
@@ -39,12 +46,16 @@ SETS = {
     "finite+grad_norm": ["finite", "grad_norm"],
     "NaNGuard(stop)+GradNormMonitor": ["finite", "halt_on_nonfinite", "grad_norm"],
     "NaNGuard(skip)": ["finite", "skip_nonfinite"],
+    # Features with values are asked for as a StepFeatures (EMA, SpikeGuard).
+    "EMA(0.999)": StepFeatures(ema_decay=0.999),
+    "SpikeGuard(loss)": StepFeatures(spike=SPIKE),
+    "NaNGuard(skip)+SpikeGuard": StepFeatures(on_nonfinite="skip", spike=SPIKE),
 }
 
 
 class _Features(nnxfit.Callback):
     def __init__(self, features):
-        self.step_features = frozenset(features)
+        self.step_features = features if isinstance(features, StepFeatures) else frozenset(features)
 
 
 def programs(x, y, batch: int, hidden: int, features, spe: int):

@@ -3,7 +3,8 @@ it is (``CarryLayout``), and everything that reads or writes it.
 
 Between calls the fit's state lives on the device as the leaves of a ``step.Carry``, in this
 order: the module's variables (the trainable ``params``, then every other variable: ``rest``),
-the optimizer state, the step count (only when a step feature needs it: the *head*), then the
+the optimizer state, what step features keep across steps (``extra``: the EMA of the params,
+SpikeGuard's buffer), the step count (only when a step feature needs it: the *head*), then the
 *tail*: the metric sums since the last log (``acc``), the latest step's values (``last``: the
 lr) and the health counters (``nonfinite_steps``, ``first_nonfinite_step``). The jitted
 programs (``step.Programs``) take and return that list, donated; ``step.py`` says why a flat
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nnxfit import averaging, spikes
 from nnxfit.errors import ConfigError
 from nnxfit.hyperparams import learning_rate_source
 from nnxfit.module_leaves import live_leaves
@@ -51,10 +53,12 @@ class CarryLayout(NamedTuple):
     step_index: int | None  # the device's step count, when a feature keeps it
     count_index: int | None  # health["nonfinite_steps"], with the finite check
     health_indices: tuple[int, ...]  # every health counter
+    counter_indices: tuple[int, ...]  # those that count steps (the others name the first)
+    ema_index: int | None  # the first leaf of extra["ema"] (params' order), with an EMA
 
     @classmethod
     def of(cls, carry: Carry, n_module: int) -> CarryLayout:
-        head = (carry.params, carry.rest, carry.opt, carry.step)
+        head = (carry.params, carry.rest, carry.opt, carry.extra, carry.step)
         n_head = len(jax.tree.leaves(head))
         treedef = jax.tree.structure(carry)
         where = jax.tree.unflatten(treedef, range(treedef.num_leaves))
@@ -66,6 +70,8 @@ class CarryLayout(NamedTuple):
             step_index=n_head - 1 if carry.step is not None else None,
             count_index=where.health.get("nonfinite_steps"),
             health_indices=tuple(where.health.values()),
+            counter_indices=tuple(v for k, v in where.health.items() if k.endswith("_steps")),
+            ema_index=jax.tree.leaves(where.extra["ema"])[0] if "ema" in carry.extra else None,
         )
 
 
@@ -89,6 +95,8 @@ class FitCarry:
         self.last = jax.device_get(jax.tree.unflatten(layout.tail_def, leaves[layout.n_head :])[1])
         self.nonfinite_steps = 0
         self.first_nonfinite_step: int | None = None
+        self.spike_steps = 0  # the same for SpikeGuard's spikes
+        self.first_spike_step: int | None = None
         # Jitted (4 us a call) rather than eager (20-50 us): they run at every log step. On a
         # mesh their outputs keep the carry's shardings, so the step sees the same signature.
         tail = leaves[layout.n_head :]
@@ -134,12 +142,19 @@ class FitCarry:
         )  # fmt: skip
         # The device counts steps only for features that need the count in the step.
         needs_step = features.finite or (features.lr and lr_fn is not None)
+        needs_step = needs_step or features.spike is not None
         health = {}
         if features.finite:
             health = {
                 "nonfinite_steps": jnp.zeros((), jnp.int32),
                 "first_nonfinite_step": jnp.full((), -1, jnp.int32),
             }
+        extra = {}
+        if features.ema_decay is not None:
+            extra["ema"] = averaging.init(params)  # sharded as params are
+        if features.spike is not None:
+            extra["spike"] = spikes.init(features.spike)
+            health.update(spikes.init_health())
         last = {"lr": jnp.zeros((), jnp.float32)} if features.lr else {}
         names = metric_names(
             train_def, module.trainable, step_config, spec.treedef, params, rest,
@@ -147,7 +162,7 @@ class FitCarry:
         )  # fmt: skip
         step = jnp.zeros((), jnp.int32) if needs_step else None
         acc = jnp.zeros((len(names) + 1,), jnp.float32)
-        carry = Carry(params, rest, opt, step, acc, last, health)
+        carry = Carry(params, rest, opt, extra, step, acc, last, health)
         leaves = placement.put_carry(jax.tree.leaves(carry))
         programs = Programs(
             train_def=train_def,
@@ -182,6 +197,19 @@ class FitCarry:
     def module_leaves(self) -> list:
         """The module's variables as the eval and predict programs take them."""
         return self.leaves[: self.layout.n_module]
+
+    def ema_leaves(self) -> list | None:
+        """The EMA of the trainable params (their leaf order), with ``EMA``; else None."""
+        i = self.layout.ema_index
+        return None if i is None else self.leaves[i : i + self.programs.n_params]
+
+    def validation_leaves(self) -> list:
+        """What validation runs on: the module's variables, the params replaced by their
+        average with ``EMA(validate_with_ema=True)``."""
+        leaves = self.module_leaves()
+        if not self.programs.config.features.ema_validate:
+            return leaves
+        return self.ema_leaves() + leaves[self.programs.n_params :]
 
     def copy(self, leaves: list | None = None) -> list:
         """A copy of the carry (or of ``leaves`` in its layout) on the device, asynchronous:
@@ -232,10 +260,14 @@ class FitCarry:
         wait_ready(snap)
         acc, last, health = jax.device_get(jax.tree.unflatten(self.layout.tail_def, snap))
         self.last = last
-        if health:
+        if "nonfinite_steps" in health:
             self.nonfinite_steps = int(health["nonfinite_steps"])
             first = int(health["first_nonfinite_step"])
             self.first_nonfinite_step = first if first >= 0 else None
+        if "spike_steps" in health:
+            self.spike_steps = int(health["spike_steps"])
+            first = int(health["first_spike_step"])
+            self.first_spike_step = first if first >= 0 else None
         return np.asarray(acc, np.float64), last
 
     def means(self, acc: np.ndarray, last: dict) -> dict[str, float]:
@@ -246,6 +278,8 @@ class FitCarry:
         logs.update({k: float(v) for k, v in last.items()})
         if self.programs.config.features.finite:
             logs["nonfinite_steps"] = float(self.nonfinite_steps)
+        if self.programs.config.features.spike is not None:
+            logs["spike_steps"] = float(self.spike_steps)
         return logs
 
     # -- the module object ---------------------------------------------------------------

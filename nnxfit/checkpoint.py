@@ -7,8 +7,9 @@ just ``<step>`` is complete; a tmp folder (a process killed mid-save) is never l
 
 * ``module``: ``{"params": ..., "rest": ...}``, every variable of the module (trainable
   params, frozen params, BatchNorm statistics, RNG keys and counts, custom variables);
-* ``train``: ``{"opt", "step", "acc", "last", "health"}``, the rest of ``Trainer.train_state()``
-  (absent from ``save_weights_only`` checkpoints, which cannot resume a fit);
+* ``train``: ``{"opt", "extra", "step", "acc", "last", "health"}``, the rest of
+  ``Trainer.train_state()`` (``extra``: the EMA, SpikeGuard's buffer; empty without them;
+  absent from ``save_weights_only`` checkpoints, which cannot resume a fit);
 * ``meta``: JSON: ``Trainer.loop_state()`` (step, epoch, batch in the epoch, History, callback
   states, loader state), the metrics at save time, nnxfit/jax/flax versions, Trainer options,
   the module's ``hparams``, wall time, and the save's id (also in each array item's orbax
@@ -53,7 +54,7 @@ from nnxfit.integrity import CheckpointCorruptError
 from nnxfit.module_leaves import live_leaves
 
 FORMAT = 1
-TRAIN_FIELDS = ("opt", "step", "acc", "last", "health")
+TRAIN_FIELDS = ("opt", "extra", "step", "acc", "last", "health")
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 

@@ -3,7 +3,7 @@
 Callbacks, checkpoints and benchmarks read a fit through these, never through the Trainer's
 private attributes: the counters (``global_step``, ``dispatch_step``: ``trainer.py``), the
 device's progress, the programs and the device carry, the batch spec, the metric names, whether
-an epoch is ending, the non-finite step counts, and the optimizer's hyperparameters.
+an epoch is ending, the non-finite and spike step counts, and the optimizer's hyperparameters.
 """
 
 from __future__ import annotations
@@ -58,11 +58,13 @@ class FitView:
     @property
     def metric_names(self) -> list[str]:
         """Names the train step logs: ``loss``, ``training_step``'s metrics, the step features'
-        (``grad_norm``, ``lr``, ``nonfinite_steps``); empty before the first fit."""
+        (``grad_norm``, ``lr``, ``nonfinite_steps``, ``spike_steps``); empty before the first
+        fit."""
         if self._carry is None:
             return []
         names, features = list(self.programs.metric_order), self.programs.config.features
-        return names + ["lr"] * features.lr + ["nonfinite_steps"] * features.finite
+        names += ["lr"] * features.lr + ["nonfinite_steps"] * features.finite
+        return names + ["spike_steps"] * (features.spike is not None)
 
     @property
     def epochs_total(self) -> int | None:
@@ -85,6 +87,17 @@ class FitView:
     def first_nonfinite_step(self) -> int | None:
         """The first step whose loss or gradient was not finite, as of the latest log."""
         return None if self._carry is None else self._carry.first_nonfinite_step
+
+    @property
+    def spike_steps(self) -> int:
+        """Steps ``SpikeGuard`` skipped (or the one it stopped at) as spikes, as of the latest
+        log; 0 without it."""
+        return 0 if self._carry is None else self._carry.spike_steps
+
+    @property
+    def first_spike_step(self) -> int | None:
+        """The first step ``SpikeGuard`` found a spike at, as of the latest log."""
+        return None if self._carry is None else self._carry.first_spike_step
 
     def get_hyperparameter(self, name: str, optimizer: str | None = None) -> Any:
         """The value of the optimizer's hyperparameter ``name`` in the fit's current state

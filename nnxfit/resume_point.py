@@ -137,10 +137,21 @@ def numbers(logs: dict) -> dict[str, float]:
     return out
 
 
+def frozen_at(trainer) -> int | None:
+    """The step at which ``NaNGuard("stop")`` (a non-finite step) or ``SpikeGuard("stop")``
+    (a spike) froze the state, once the host has seen it; else None."""
+    features, carry = trainer.programs.config.features, trainer.carry
+    firsts = []
+    if features.halts and carry.first_nonfinite_step is not None:
+        firsts.append(carry.first_nonfinite_step)
+    if features.spike is not None and features.spike.halt and carry.first_spike_step is not None:
+        firsts.append(carry.first_spike_step)
+    return min(firsts, default=None)
+
+
 def halted(trainer) -> bool:
-    """``NaNGuard("stop")`` froze the state at a non-finite step the host has seen."""
-    features = trainer.programs.config.features
-    return features.halts and trainer.first_nonfinite_step is not None
+    """A guard froze the state at a step the host has seen (``frozen_at``)."""
+    return frozen_at(trainer) is not None
 
 
 def step_of(trainer, point: ResumePoint | None) -> int:
@@ -148,7 +159,7 @@ def step_of(trainer, point: ResumePoint | None) -> int:
     resume ``point`` (None while it trains)."""
     if point is not None:
         return point.step
-    return trainer.first_nonfinite_step - 1 if halted(trainer) else trainer.global_step
+    return frozen_at(trainer) - 1 if halted(trainer) else trainer.global_step
 
 
 def capture(
@@ -163,7 +174,7 @@ def capture(
     t, frozen, carry = trainer, halted(trainer), trainer.carry
     if at_end and not (partial or frozen):
         return None
-    step = t.first_nonfinite_step - 1 if frozen else t.global_step
+    step = frozen_at(t) - 1 if frozen else t.global_step
     if at_end:
         epoch_acc, acc = trail.end
     else:
@@ -189,11 +200,11 @@ def capture(
     if acc is not None:
         old = leaves[layout.n_head]
         leaves[layout.n_head] = jax.device_put(np.asarray(acc, np.float32), old.sharding)
-    if frozen:  # the state after step n - 1, with a clean non-finite record
+    if frozen:  # the state after step n - 1, with a clean non-finite (and spike) record
         if layout.step_index is not None:
             leaves[layout.step_index] = jnp.full_like(leaves[layout.step_index], step)
         for i in layout.health_indices:
-            leaves[i] = jnp.full_like(leaves[i], -1 if i != layout.count_index else 0)
+            leaves[i] = jnp.full_like(leaves[i], 0 if i in layout.counter_indices else -1)
     loop = {
         "global_step": step,
         "epoch": epoch,

@@ -61,6 +61,7 @@ def should_speculate(features, state_bytes: int, sharded: bool, val_every_n_step
     (``val_every_n_steps`` validations are not barriers, so nothing would be verified)."""
     return (
         features.gates
+        and features.spike is None  # the re-run knows non-finite steps only: SpikeGuard gates
         and state_bytes <= SPECULATE_MAX_BYTES
         and not sharded
         and val_every_n_steps is None

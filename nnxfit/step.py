@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit import loop_convs
+from nnxfit import averaging, loop_convs, spikes
 from nnxfit.errors import ConfigError, StepOutputError
 from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
 from nnxfit.hyperparams import learning_rate_of
@@ -49,7 +49,13 @@ class StepFeatures:
     with the count of steps that were not and the first of them (``nonfinite_steps``).
     ``on_nonfinite``: what such a step does to the state: ``"skip"`` leaves it untouched,
     ``"halt"`` freezes it from then on (``NaNGuard``); it implies ``finite``. ``lr``: the
-    learning rate each step used, logged.
+    learning rate each step used, logged. ``ema_decay``: keep an exponential moving average
+    of the parameters (``averaging.py``; ``EMA``), which validation uses when
+    ``ema_validate``. ``spike``: skip (or halt at) steps whose loss or gradient norm spikes
+    (``spikes.SpikeSpec``; ``SpikeGuard``), in the same gate as ``on_nonfinite``.
+
+    A callback asks by names (``FEATURES``) or, for the features with values (EMA,
+    SpikeGuard), with a ``StepFeatures`` of its own; ``merge`` joins them.
     """
 
     grad_norm: bool = False
@@ -57,6 +63,9 @@ class StepFeatures:
     finite: bool = False
     on_nonfinite: str | None = None  # None, "skip" or "halt"
     lr: bool = False
+    ema_decay: float | None = None
+    ema_validate: bool = False
+    spike: spikes.SpikeSpec | None = None
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in (None, "skip", "halt"):
@@ -93,14 +102,36 @@ class StepFeatures:
             lr="lr" in names,
         )
 
+    def merge(self, other: StepFeatures, owner: str = "a callback") -> StepFeatures:
+        """The features of both; two different EMAs or spike guards are a ``ConfigError``."""
+        out = StepFeatures.from_names(self.names | other.names)
+        for name in ("ema_decay", "spike"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a is not None and b is not None and a != b:
+                raise ConfigError(
+                    f"{owner} asks the train step for {name}={b!r}, but another callback "
+                    f"already asked for {name}={a!r}; a fit keeps one. Keep one callback."
+                )
+        return dataclasses.replace(
+            out,
+            ema_decay=self.ema_decay if self.ema_decay is not None else other.ema_decay,
+            ema_validate=self.ema_validate or other.ema_validate,
+            spike=self.spike if self.spike is not None else other.spike,
+        )
+
     @property
     def gates(self) -> bool:
-        """A non-finite step must not change the state (``skip`` or ``halt``)."""
-        return self.on_nonfinite is not None
+        """A non-finite (``skip`` or ``halt``) or spiking step must not change the state."""
+        return self.on_nonfinite is not None or self.spike is not None
 
     @property
     def halts(self) -> bool:
         return self.on_nonfinite == "halt"
+
+    @property
+    def freezes(self) -> bool:
+        """A bad step freezes the state from then on: ``halts``, or a halting spike guard."""
+        return self.halts or (self.spike is not None and self.spike.halt)
 
     @property
     def names(self) -> frozenset[str]:
@@ -122,13 +153,18 @@ class Carry(NamedTuple):
     params: Any  # pure State of the trainable variables
     rest: Any  # pure State of every other variable (BatchStat, RNG state, frozen params)
     opt: Any  # optax state
+    # State step features keep across steps, next to the optimizer's: "ema" (the average of
+    # the params, ``averaging.py``), "spike" (SpikeGuard's ring buffer, ``spikes.py``).
+    extra: dict
     step: jax.Array | None  # int32 optimizer steps done; None unless a feature needs it
     # f32[n + 1]: running sums of the n per-step metrics (``Programs.metric_order``) over the
     # current epoch, then the count of steps summed. One buffer, not n + 1: every buffer a
     # jitted call takes and returns costs host time per call.
     acc: jax.Array
     last: dict  # values of the latest step (lr)
-    health: dict  # nonfinite_steps, first_nonfinite_step (int32, -1 = none); only with finite
+    # nonfinite_steps, first_nonfinite_step (int32, -1 = none), only with finite; spike_steps,
+    # first_spike_step with a spike guard.
+    health: dict
 
 
 @dataclass(frozen=True)
@@ -418,7 +454,9 @@ class Programs:
         cfg, feats = self.config, self.config.features
         loss, metrics, rest, g = self.grads(c.params, c.rest, batch)
         step_logs = {"loss": loss, **metrics}
+        spike_spec = feats.spike
         need_norm = cfg.grad_clip_norm is not None or feats.grad_norm or feats.finite
+        need_norm = need_norm or (spike_spec is not None and spike_spec.monitor == "grad_norm")
         gnorm = self.global_norm(g) if need_norm else None
         if cfg.grad_clip_norm is not None:
             scale = jnp.minimum(1.0, cfg.grad_clip_norm / (gnorm + 1e-12))
@@ -430,11 +468,14 @@ class Programs:
                 step_logs[f"grad_norm/{name}"] = self.global_norm(g[name])
 
         def update(t):
-            params, opt, _, new_rest = t
+            params, opt, _, new_rest, extra = t
             updates, opt = self.tx.update(g, opt, params)
-            return optax.apply_updates(params, updates), opt, new_rest
+            params = optax.apply_updates(params, updates)
+            if feats.ema_decay is not None:  # after the optimizer step, in the same gate
+                extra = {**extra, "ema": averaging.update(extra["ema"], params, feats.ema_decay)}
+            return params, opt, new_rest, extra
 
-        state = (c.params, c.opt, c.rest, rest)
+        state = (c.params, c.opt, c.rest, rest, c.extra)
         ok = jnp.bool_(True)
         health = c.health
         if feats.finite:
@@ -442,16 +483,27 @@ class Programs:
             ok = finite
             if feats.halts:
                 ok = finite & (health["first_nonfinite_step"] < 0)
+        if spike_spec is not None:  # one gate with the finite check
+            value = loss if spike_spec.monitor == "loss" else gnorm
+            spike = spikes.is_spike(spike_spec, c.extra["spike"], value)
+            spike = spike & ok & ~spikes.blocked(spike_spec, health)
+            ok = ok & ~spike & ~spikes.blocked(spike_spec, health)
         if gate == "cond" and feats.gates:
             # Decide before updating: selecting between the updated and the old state after
             # the update cost 2.1x the step time of a small MLP with optax.adam on CPU, a cond
             # around the update 1.05x (with inject_hyperparams(adam), ~2x either way).
-            params, opt, rest = jax.lax.cond(ok, update, lambda t: t[:3], state)
+            params, opt, rest, extra = jax.lax.cond(
+                ok, update, lambda t: (t[0], t[1], t[2], t[4]), state
+            )
         else:  # no gate, or speculating (``StepConfig.speculate``)
-            params, opt, rest = update(state)
+            params, opt, rest, extra = update(state)
+        if spike_spec is not None:
+            extra = {**extra, "spike": spikes.push(spike_spec, extra["spike"], value, ok)}
+            health = {**health, **spikes.count(health, spike, c.step + 1)}
         if feats.finite:
             first = health["first_nonfinite_step"]
             health = {
+                **health,
                 "nonfinite_steps": health["nonfinite_steps"] + (~finite).astype(jnp.int32),
                 "first_nonfinite_step": jnp.where((first < 0) & ~finite, c.step + 1, first),
             }
@@ -459,7 +511,7 @@ class Programs:
         vals = jnp.stack([step_logs[k].astype(jnp.float32) for k in self.metric_order] + [1.0])
         acc = c.acc + jnp.where(ok, vals, 0.0)
         step = None if c.step is None else c.step + 1
-        return Carry(params, rest, opt, step, acc, last, health)
+        return Carry(params, rest, opt, extra, step, acc, last, health)
 
     def _last(self, last: dict, opt: Any, step: jax.Array | None) -> dict:
         last = dict(last)
@@ -477,7 +529,9 @@ class Programs:
         b = jax.tree.unflatten(self.treedef, before)
         a = jax.tree.unflatten(self.treedef, after)
         last = self._last(b.last, b.opt, b.step)
-        return jax.tree.leaves(Carry(b.params, b.rest, b.opt, a.step, a.acc, last, a.health))
+        return jax.tree.leaves(
+            Carry(b.params, b.rest, b.opt, b.extra, a.step, a.acc, last, a.health)
+        )
 
     def _single(self, leaves, batch, gate: str | None):
         self.trace_count += 1

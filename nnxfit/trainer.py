@@ -441,7 +441,7 @@ class Trainer(FitView, FitState, EvalAPI):
     def _validation_run(self, data: Any) -> dict[str, float]:
         """``validation_step`` over ``data`` on the fit's own state (no hooks)."""
         carry = self._carry
-        return self._run_validation(carry.programs, carry.module_leaves(), data)
+        return self._run_validation(carry.programs, carry.validation_leaves(), data)
 
     # ========================================================================= setup ===
     def _setup_fit(self, module: TrainModule, train_data, val_data, first) -> None:
@@ -467,9 +467,9 @@ class Trainer(FitView, FitState, EvalAPI):
             first_batch=first,
             placement=self.placement,
         )
-        # Under NaNGuard("stop") the resume point is the last good step's: where calls ended
-        # since about the last two logs (``resume_point.py``).
-        halts = carry.programs.config.features.halts
+        # Under NaNGuard("stop") (or SpikeGuard("stop")) the resume point is the last good
+        # step's: where calls ended since about the last two logs (``resume_point.py``).
+        halts = carry.programs.config.features.freezes
         self._trail = Trail(keep_calls=2 * c.log_every_n_steps + 4 if halts else 0)
         self._carry = carry
         self._sync_to_module()

@@ -5,6 +5,7 @@ from nnxfit.callbacks.checkpoint import ModelCheckpoint
 from nnxfit.callbacks.compile_watch import CompileWatch, RecompileWarning
 from nnxfit.callbacks.csv_logger import CSVLogger
 from nnxfit.callbacks.early_stopping import EarlyStopping
+from nnxfit.callbacks.ema import EMA
 from nnxfit.callbacks.grad_norm import GradNormMonitor, GradNormWarning
 from nnxfit.callbacks.lambda_callback import LambdaCallback
 from nnxfit.callbacks.lr_monitor import LearningRateMonitor, LearningRateWarning
@@ -14,6 +15,7 @@ from nnxfit.callbacks.nan_guard import NaNGuard, NonFiniteWarning
 from nnxfit.callbacks.profiler import Profiler
 from nnxfit.callbacks.progress import ProgressBar
 from nnxfit.callbacks.reduce_lr import ReduceLROnPlateau
+from nnxfit.callbacks.spike_guard import SpikeGuard, SpikeWarning
 from nnxfit.callbacks.summary import ModelSummary, summarize
 from nnxfit.callbacks.tensorboard import TensorBoardLogger
 from nnxfit.callbacks.throughput import DataBottleneckWarning, ThroughputMonitor
@@ -27,6 +29,7 @@ __all__ = [
     "CSVLogger",
     "DataBottleneckWarning",
     "EarlyStopping",
+    "EMA",
     "GradNormMonitor",
     "GradNormWarning",
     "LambdaCallback",
@@ -46,6 +49,8 @@ __all__ = [
     "Row",
     "RunStart",
     "RunWriter",
+    "SpikeGuard",
+    "SpikeWarning",
     "TensorBoardLogger",
     "ThroughputMonitor",
     "WandbLogger",

@@ -101,7 +101,8 @@ class Callback:
       was seen. Any other callback sees the device in step at the events of its hooks, the
       module written back, unless ``needs_sync`` narrows which events those are.
     * ``step_features``: names of quantities the jitted step must compute for this callback:
-      ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``.
+      ``"grad_norm"``, ``"module_grad_norms"``, ``"finite"``, ``"skip_nonfinite"``, ``"lr"``;
+      or a ``step.StepFeatures`` for the features with values (``EMA``, ``SpikeGuard``).
       They reach ``logs`` at the next log interval with no per-step host sync.
 
     A callback that adds metrics to the logs (``logs["loss_ema"] = ...``) says so in
@@ -115,7 +116,7 @@ class Callback:
 
     order: int = 0
     records_only: bool = False
-    step_features: frozenset[str] = frozenset()
+    step_features: frozenset[str] | StepFeatures = frozenset()
     # The two switches ``records_only`` replaced, read and set as before (``_deprecated``).
     reads_module = _deprecated("reads_module")
     epoch_end_barrier = _deprecated("epoch_end_barrier")
@@ -269,9 +270,11 @@ class CallbackList:
         checked: an unknown name is an error naming the callback)."""
         out = StepFeatures()
         for c in self.callbacks:
-            if c.step_features:
-                mine = StepFeatures.from_names(c.step_features, f"{type(c).__name__}")
-                out = StepFeatures.from_names(out.names | mine.names)
+            f = c.step_features
+            if f:
+                owner = type(c).__name__
+                mine = f if isinstance(f, StepFeatures) else StepFeatures.from_names(f, owner)
+                out = out.merge(mine, owner)
         return out
 
     def _keys(self) -> list[str]:
