@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnxfit import integrity, orbax_leaks
+from nnxfit import integrity, orbax_leaks, orbax_loops
 from nnxfit.errors import CheckpointError, ConfigError
 from nnxfit.hparams import of as hparams_of
 from nnxfit.integrity import CheckpointCorruptError
@@ -108,6 +108,7 @@ def _ocp():
     import orbax.checkpoint as ocp  # slow import: only when checkpoints are used
 
     orbax_leaks.install()  # two TensorStore calls orbax makes per save leak host memory
+    orbax_loops.install()  # its loops close with writes and executor threads still running
     return ocp
 
 
