@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnxfit import integrity, orbax_leaks
+from nnxfit import integrity, orbax_leaks, orbax_loops
 from nnxfit.config import EXACTNESS_OPTIONS, trainer_options  # noqa: F401 (re-exported)
 from nnxfit.errors import CheckpointError, ConfigError
 from nnxfit.hparams import of as hparams_of
@@ -99,6 +99,7 @@ def _ocp():
     import orbax.checkpoint as ocp  # slow import: only when checkpoints are used
 
     orbax_leaks.install()  # two TensorStore calls orbax makes per save leak host memory
+    orbax_loops.install()  # its loops close with writes and executor threads still running
     return ocp
 
 
