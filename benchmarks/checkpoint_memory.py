@@ -76,7 +76,6 @@ def child(args) -> dict:
 
     class Sampler(nnxfit.Callback):
         order = 60
-        reads_module = False
 
         def on_train_batch_end(self, trainer, module, step, logs):
             if step % (args.every * args.sample) == 0:

@@ -375,8 +375,7 @@ class _TrackersReady(nnxfit.Callback):
     they cost per step, not their start-up (seconds, once per fit, on the loggers' thread)."""
 
     order = 10**9 - 1  # just before the Stopwatch stamps the start of the window
-    reads_module = False
-    epoch_end_barrier = False
+    records_only = True
 
     def __init__(self, loggers):
         self.loggers = loggers

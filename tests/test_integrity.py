@@ -410,7 +410,6 @@ def test_a_module_callback_replaces_the_trainers_of_its_type(tmp_path, caplog):
 
 
 class Batches(nnxfit.Callback):
-    reads_module = False
     calls = 0
 
     def on_train_batch_end(self, trainer, module, step, logs):

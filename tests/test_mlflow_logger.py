@@ -124,8 +124,6 @@ def test_params_metrics_steps_tags_and_status_in_the_workdir_store(tmp_path, fre
 
 
 class Crash(nnxfit.Callback):
-    reads_module = False
-
     def __init__(self, at_step):
         self.at_step = at_step
 
@@ -254,7 +252,6 @@ from nnxfit.callbacks import MLflowLogger
 from nnxfit.data import ArrayLoader
 
 class Die(nnxfit.Callback):
-    reads_module = False
 
     def on_train_batch_end(self, trainer, module, step, logs):
         if step == 7:

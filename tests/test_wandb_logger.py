@@ -105,8 +105,6 @@ def test_offline_run_holds_config_history_summary_and_exit_code(tmp_path):
 
 def test_an_exception_ends_the_run_failed(tmp_path):
     class Crash(nnxfit.Callback):
-        reads_module = False
-
         def on_train_batch_end(self, trainer, module, step, logs):
             if step == 7:
                 raise RuntimeError("crash at step 7")
