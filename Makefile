@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench venv clean
+.PHONY: demo test examples lint format bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
+
+# Every example end to end in its fast mode, the slow ones included (make test skips those).
+examples: $(STAMP)
+	NNXFIT_ALL_EXAMPLES=1 $(BIN)/python -m pytest -n 2 --dist loadgroup -q tests/test_examples.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check nnxfit tests examples benchmarks

@@ -1,5 +1,10 @@
 """Every example runs end to end in its fast mode (NNXFIT_FAST=1) and prints its result line.
 
+``make test`` runs the examples whose paths nothing else covers end to end (the demo, the
+export read back without nnxfit, frozen layers, callbacks, data parallel, lr_find);
+``make examples`` (``NNXFIT_ALL_EXAMPLES=1``) adds the slow ones (char_lm, vae, fsdp), whose
+features the unit tests cover, to keep ``make test`` well under 15 minutes on 2 cores.
+
 The examples start together as subprocesses (one module-level fixture), so the file costs
 about the slowest example plus the CPU the others need, not the sum of their times.
 """
@@ -28,6 +33,11 @@ NAMES = [
     "digits_f1_export",
     "lr_find",
 ]
+SLOW = {"char_lm", "vae", "fsdp"}
+ALL = os.environ.get("NNXFIT_ALL_EXAMPLES") == "1"
+if not ALL:
+    NAMES = [n for n in NAMES if n not in SLOW]
+slow = pytest.mark.skipif(not ALL, reason="slow example: make examples runs it")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +95,7 @@ def test_digits_cnn(runs):
     assert list((cwd / "runs/digits/plots").glob("*.png"))
 
 
+@slow
 def test_char_lm(runs):
     line, out, _ = check(runs, "char_lm")
     ppl = float(re.search(r"val_perplexity=([0-9.]+)", line).group(1))
@@ -92,6 +103,7 @@ def test_char_lm(runs):
     assert "sample:\ndef " in out
 
 
+@slow
 def test_vae(runs):
     line, _, cwd = check(runs, "vae")
     assert "wrote runs/vae/reconstructions.png" in line
@@ -116,6 +128,7 @@ def test_data_parallel(runs):
     assert 0.0 <= acc <= 1.0
 
 
+@slow
 def test_fsdp(runs):
     line, _, _ = check(runs, "fsdp")
     assert "per device of" in line
