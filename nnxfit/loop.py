@@ -189,3 +189,16 @@ def run(
         drain(0)
     finally:
         events.close()
+
+
+def counter(progress: str, field: str, doc: str) -> property:
+    """A property of the Trainer that reads and sets ``field`` of its ``Progress`` named
+    ``progress`` (``global_step`` is ``_seen.step``)."""
+
+    def get(self):
+        return getattr(getattr(self, progress), field)
+
+    def set_(self, value):
+        setattr(getattr(self, progress), field, value)
+
+    return property(get, set_, doc=doc)

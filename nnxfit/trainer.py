@@ -13,22 +13,13 @@ The rest of the Trainer's public API is in three parts it inherits:
 * ``fit_state.py`` (``FitState``): the state a checkpoint saves and a resume loads;
 * ``eval_api.py`` (``EvalAPI``): ``validate``, ``test``, ``predict``.
 
-Everything else has a module of its own, below this one:
-
-* ``config.py``: the options (``TrainerConfig``), validated once;
-* ``plan.py``: batches to calls (``Plan``, ``Call``): accumulation groups, K-step stacks,
-  prefetch;
-* ``carry.py``: the device state (``FitCarry``): its layout, the ``step.Programs`` built for it,
-  snapshots of the metrics, the write-back to the module object;
-* ``step.py``: the jitted programs themselves, pure functions of flat arrays;
-* ``loop.py``: events, counters (``Progress``), when to stop, log and validate (``Schedule``),
-  the lookahead consumer (``run``);
-* ``speculation.py``: NaNGuard's re-run from a kept copy, instead of gating every step;
-* ``evaluate.py``: validation and test runs; ``sanity.py``: the check before training;
-* ``resume.py`` / ``resume_point.py``: which checkpoint a fit continues from, and what a
-  checkpoint holds once a fit ended inside an epoch; ``checkpoint.py``: orbax;
-* ``interrupt.py``, ``workdir.py``, ``runs.py``, ``device_clock.py``: signals, the workdir
-  lock, versioned runs, the device's progress.
+Everything else has a module of its own: ``config.py`` (the options), ``fit_setup.py``
+(inputs, callbacks and device state of a new fit), ``plan.py`` (batches to calls),
+``carry.py`` (the device state and its programs, ``step.py``), ``loop.py`` (events, counters,
+cadence, the lookahead consumer), ``hooks.py`` and ``fit_logs.py`` (calling hooks, logs out of
+the metric sums), ``speculation.py`` (NaNGuard's re-run from a kept copy), ``evaluate.py`` and
+``sanity.py`` (validation), ``resume.py`` / ``resume_point.py`` / ``checkpoint.py`` (resume
+and orbax), ``interrupt.py``, ``workdir.py``, ``runs.py``, ``device_clock.py``.
 
 The module object is written back from the device state only when someone may look at it:
 before the hooks of callbacks that are not ``records_only``, at the events in step with the
@@ -45,40 +36,26 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnxfit import evaluate, interrupt, loop
+from nnxfit import evaluate, fit_logs, fit_setup, hooks, interrupt, loop
 from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
-from nnxfit.callbacks.defaults import default_callbacks, module_callbacks
-from nnxfit.callbacks.merge import merge_callbacks
 from nnxfit.carry import FitCarry, wait_ready
 from nnxfit.config import PRECISIONS, TrainerConfig, expose_options  # noqa: F401 (PRECISIONS)
-from nnxfit.data import BatchSpec, check_reiterable, first_batch, take_batches
+from nnxfit.data import BatchSpec
 from nnxfit.device_clock import DeviceClock
-from nnxfit.errors import ConfigError, EmptyDataError, TrainingInterrupted
-from nnxfit.eval_api import EvalAPI, check_module, with_module
+from nnxfit.errors import EmptyDataError, TrainingInterrupted
+from nnxfit.eval_api import EvalAPI, with_module
 from nnxfit.fit_state import FitState
 from nnxfit.fit_view import FitView
 from nnxfit.history import History
-from nnxfit.inputs import fit_inputs
-from nnxfit.loop import CALL, END, INTERRUPT, START, Event, Progress, Schedule, new_event
-from nnxfit.module import TrainModule, has_validation_step
+from nnxfit.loop import CALL, END, INTERRUPT, START, Event, Progress, Schedule, counter, new_event
+from nnxfit.module import TrainModule
 from nnxfit.placement import Placement
-from nnxfit.plan import Plan, epoch_size
+from nnxfit.plan import Plan
 from nnxfit.resume_point import ResumeInfo, ResumePoint, Trail, capture
 from nnxfit.runs import begin_run
 from nnxfit.sanity import check_validation
 from nnxfit.speculation import NoSpeculation, Speculation, mark_every
-from nnxfit.warn import warn
 from nnxfit.workdir import lock_workdir
-
-
-def _counter(progress: str, field: str, doc: str) -> property:
-    def get(self):
-        return getattr(getattr(self, progress), field)
-
-    def set_(self, value):
-        setattr(getattr(self, progress), field, value)
-
-    return property(get, set_, doc=doc)
 
 
 @expose_options
@@ -154,11 +131,11 @@ class Trainer(FitView, FitState, EvalAPI):
         self._resume_point: ResumePoint | None = None
         self._trail = Trail()
 
-    global_step = _counter("_seen", "step", "Optimizer steps the hooks have seen.")
-    current_epoch = _counter("_seen", "epoch", "The epoch the hooks are in (from 0).")
-    batch_in_epoch = _counter("_seen", "batch", "Batches of the epoch the hooks have seen.")
-    dispatch_step = _counter("_sent", "step", "Optimizer steps sent to the device.")
-    dispatch_epoch = _counter("_sent", "epoch", "The epoch being sent (None before a fit).")
+    global_step = counter("_seen", "step", "Optimizer steps the hooks have seen.")
+    current_epoch = counter("_seen", "epoch", "The epoch the hooks are in (from 0).")
+    batch_in_epoch = counter("_seen", "batch", "Batches of the epoch the hooks have seen.")
+    dispatch_step = counter("_sent", "step", "Optimizer steps sent to the device.")
+    dispatch_epoch = counter("_sent", "epoch", "The epoch being sent (None before a fit).")
 
     @property
     def config(self) -> TrainerConfig:
@@ -191,32 +168,12 @@ class Trainer(FitView, FitState, EvalAPI):
         ``train_data``/``val_data`` may be arrays, Keras style (``x``, ``(x, y)``, a dict of
         arrays): batched by ``batch_size`` (32), training batches reshuffled each epoch
         (``shuffle``), ``validation_split`` holding out the last fraction (``inputs.py``)."""
-        check_module(module)
-        train_data, val_data = fit_inputs(
-            train_data,
-            val_data,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            validation_split=validation_split,
-            seed=self.seed,
+        arrays = dict(batch_size=batch_size, shuffle=shuffle, validation_split=validation_split)
+        train_data, val_data, first = fit_setup.fit_data(
+            self, module, train_data, val_data, **arrays
         )
         refit = self.module is module
-        if val_data is not None and not has_validation_step(module):
-            raise ConfigError(
-                f"val_data was given but {type(module).__name__} defines no validation_step; "
-                "define validation_step(self, batch) -> dict, or drop val_data."
-            )
-        first = first_batch(train_data, "train")
-        if val_data is not None:
-            check_reiterable(val_data, "val")
-        if self.overfit_batches:  # the same first N batches every epoch, validated on too
-            train_data = take_batches(train_data, self.overfit_batches)
-            val_data = train_data if has_validation_step(module) else None
-        user = self.callbacks
-        # A module's callback replaces the Trainer's of its type (Lightning's rule).
-        self.cb = CallbackList(
-            merge_callbacks(default_callbacks(self.config, user) + user, module_callbacks(module))
-        )
+        self.cb = fit_setup.fit_callbacks(self, module)
         # One fit per workdir, from before a checkpoint is read until the last one is written.
         with lock_workdir(self):
             self._setup_fit(module, train_data, val_data, first)
@@ -403,32 +360,6 @@ class Trainer(FitView, FitState, EvalAPI):
         if interrupted:
             self._interrupt()
 
-    # ========================================================================== logs ===
-    def _snapshot(self) -> list:
-        """The metric sums since the last snapshot, out of the carry (``FitCarry.snapshot``)."""
-        snap = self._carry.snapshot()
-        self._speculation.record_snapshot(snap)
-        return snap
-
-    def _interval_logs(self, snap: list) -> dict[str, float]:
-        """Means over the steps since the last log; their sums join the epoch's."""
-        carry, schedule, step = self._carry, self._schedule, self._seen.step
-        acc, last = carry.read(snap)
-        before = carry.epoch_acc.copy()
-        carry.epoch_acc += acc
-        logs = carry.means(acc, last)
-        self.logged_metrics = dict(logs)
-        final, cut = schedule.steps_done(step), self._plan.cut_rest > 0
-        self._trail.logged(step, before, acc, logs, every=schedule.log_every, final=final, cut=cut)
-        return logs
-
-    def _epoch_logs(self, snap: list | None) -> dict[str, float]:
-        carry = self._carry
-        acc, last = carry.read(snap)
-        self._trail.end = (carry.epoch_acc.copy(), acc)
-        carry.epoch_acc += acc  # cleared after the epoch-end hooks (``_end_epoch``)
-        return carry.means(carry.epoch_acc, last)
-
     # ==================================================================== validation ===
     def _validate(self, data: Any) -> dict[str, float]:
         # Validation is not training time.
@@ -443,67 +374,12 @@ class Trainer(FitView, FitState, EvalAPI):
         carry = self._carry
         return self._run_validation(carry.programs, carry.validation_leaves(), data)
 
-    # ========================================================================= setup ===
-    def _setup_fit(self, module: TrainModule, train_data, val_data, first) -> None:
-        self.module, self.train_data, self.val_data = module, train_data, val_data
-        self.history, self.should_stop, self._seen = History(), False, Progress()
-        self.logged_metrics = {}
-        self.resumed_from = self.resume_info = self._resume_point = None
-        self._signals = interrupt.Signals()
-        self._spec = spec = BatchSpec(first, "train")
-        self.placement.check_batch_size(spec.batch_size, "train")
-        c = self.config
-        sizes = epoch_size(
-            train_data, c.limit_train_batches, c.grad_accum_steps, c.max_epochs, c.max_steps
-        )
-        self._n_train_batches, self.steps_per_epoch, self.estimated_stepping_batches = sizes
-        self._plan = Plan(train_data, spec, self.placement.put_batch, c)
-        self._schedule = Schedule(c, self._n_train_batches, validates=val_data is not None)
-        carry = FitCarry.build(
-            module,
-            config=c,
-            features=self.cb.step_features(),
-            spec=spec,
-            first_batch=first,
-            placement=self.placement,
-        )
-        # Under NaNGuard("stop") (or SpikeGuard("stop")) the resume point is the last good
-        # step's: where calls ended since about the last two logs (``resume_point.py``).
-        halts = carry.programs.config.features.freezes
-        self._trail = Trail(keep_calls=2 * c.log_every_n_steps + 4 if halts else 0)
-        self._carry = carry
-        self._sync_to_module()
-
-    # ========================================================================= hooks ===
-    def _hook(
-        self, name: str, *args, guard: bool = False, defer: bool = False, in_step: bool = True
-    ) -> None:
-        """``guard``: a failing callback only warns (an error is already on its way out).
-        ``defer``: every callback runs, then the first failure is raised (cleanup hooks).
-        ``in_step``: the device is in step with the hook, so the module is written back for
-        callbacks that may read it (not between the events ``needs_sync`` let run ahead)."""
-        cbs = self.cb.for_hook(name)
-        if not cbs:
-            return
-        needs_module = in_step and self.fitting and self.cb.needs_module(name)
-        if needs_module:
-            self._sync_to_module()
-        first = None
-        for cb in cbs:
-            try:
-                getattr(cb, name)(self, self.module, *args)
-            except Exception as e:
-                if guard or (defer and first is not None):
-                    warn(f"{type(cb).__name__}.{name} raised {e!r}")
-                    continue
-                e.add_note(f"(raised in callback {type(cb).__name__}.{name})")
-                if not defer:
-                    raise
-                first = e
-        if needs_module:
-            self._carry.from_module()  # adopts what a hook assigned to the module
-        if first is not None:
-            raise first
+    # ============================================ parts in modules of their own, bound here ===
+    _setup_fit = fit_setup.setup_fit
+    _hook = hooks.call_hook
+    _snapshot = fit_logs.snapshot
+    _interval_logs = fit_logs.interval_logs
+    _epoch_logs = fit_logs.epoch_logs
 
     def _sync_to_module(self, allow_deleted: bool = False) -> None:
         """Points the module's variables at the current device arrays (cheap: no tree walk)."""
