@@ -10,10 +10,13 @@
   checkpoint is the state before that epoch end, which a resume then runs again. A signal
   after the last step (during the final save) lets the fit finish and save, then raises.
 * A second SIGINT aborts: ``KeyboardInterrupt`` from wherever the main thread is, with the
-  default handler back for a third, which kills the process. Orbax writes a checkpoint into a
-  ``*.orbax-checkpoint-tmp`` folder and renames it once complete, so an abort or a kill during
-  a save leaves that tmp folder (ignored, removed by the next fit) and every complete
-  checkpoint as it was.
+  default handler back for a third, which kills the process. The cleanup that follows (the
+  hooks' ``on_exception``/``on_fit_end``, orbax's threads) gets ``ABORT_GRACE_S``: a cleanup
+  stuck past it (a callback blocked on a network, a save thread that never ends) has every
+  thread's stack printed, and the process is killed by SIGINT, as a third Ctrl-C would. Orbax
+  writes a checkpoint into a ``*.orbax-checkpoint-tmp`` folder and renames it once complete,
+  so an abort or a kill during a save leaves that tmp folder (ignored, removed by the next
+  fit) and every complete checkpoint as it was.
 * Uncaught, ``TrainingInterrupted`` ends the process by its signal, as CPython does for an
   uncaught ``KeyboardInterrupt``, so a shell sees 130 (SIGINT) or 143 (SIGTERM) and a
   scheduler sees the signal. Caught, it is an ordinary exception and changes nothing.
@@ -23,16 +26,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from nnxfit.errors import TrainingInterrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+# How long the cleanup after a second Ctrl-C may take before the process is killed.
+ABORT_GRACE_S = 30.0
 
 
 @dataclass
@@ -67,6 +75,7 @@ def handlers(trainer, signals: Signals, saving_to: Callable[[], list[str]]):
                 "second SIGINT: aborting. Every complete checkpoint stays intact (a save "
                 "under way completes or is discarded); Ctrl-C once more kills the process.",
             )
+            _kill_if_stuck(trainer, ABORT_GRACE_S)
             raise KeyboardInterrupt
         # A repeated SIGTERM changes nothing: the fit is already stopping.
 
@@ -77,6 +86,38 @@ def handlers(trainer, signals: Signals, saving_to: Callable[[], list[str]]):
         for s, h in old.items():
             if h is not None:  # None: a handler not set from Python, which we cannot restore
                 signal.signal(s, h)
+
+
+def _kill_if_stuck(trainer, grace: float) -> None:
+    """Kills the process by SIGINT unless it has ended ``grace`` seconds from now (a daemon
+    thread: it dies with the process), after printing where every thread is."""
+
+    def watch():
+        time.sleep(grace)
+        notice(
+            trainer,
+            f"the abort's cleanup has not ended after {grace:g} s; killing the process. "
+            "Where each thread is:",
+        )
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(all_threads=True)
+        _default_disposition(signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)
+        os._exit(128 + signal.SIGINT)  # only if SIGINT is blocked in every thread
+
+    threading.Thread(target=watch, name="nnxfit-abort-watch", daemon=True).start()
+
+
+def _default_disposition(signum: int) -> None:
+    """The kernel's default action for ``signum`` (for SIGINT: terminate), set from any
+    thread: ``signal.signal`` works only in the main thread, which is the one stuck, and
+    Python's handler, back once the fit's handlers are restored, would only raise another
+    ``KeyboardInterrupt`` there."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).signal(signum, ctypes.c_void_p(0))  # SIG_DFL == 0
 
 
 def notice(trainer, text: str) -> None:

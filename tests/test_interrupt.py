@@ -289,6 +289,28 @@ def test_a_second_ctrl_c_during_the_save_aborts_and_keeps_the_complete_checkpoin
     assert info.step == steps[-1] == read_meta(ckpts)["loop"]["global_step"]
 
 
+def test_an_abort_whose_cleanup_hangs_still_ends_the_process_by_sigint(tmp_path):
+    log = tmp_path / "child.log"
+    proc = start_child("stuck", tmp_path, log)  # on_exception never returns; grace 2 s
+    wait_for(tmp_path / "marker", proc, log)
+    proc.send_signal(signal.SIGINT)
+    wait_for(tmp_path / "interrupting", proc, log)  # in on_interrupt: the save, say
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the aborted fit hung in its cleanup:\n" + log.read_text()) from None
+    err = log.read_text()
+    assert proc.returncode == -signal.SIGINT, err
+    assert "nnxfit: second SIGINT: aborting." in err
+    assert (
+        "nnxfit: the abort's cleanup has not ended after 2 s; killing the process. Where "
+        "each thread is:" in err
+    )
+    assert "in on_exception" in err  # faulthandler's stack names where it hung
+
+
 def test_fit_on_a_thread_installs_no_handler(tmp_path):
     import threading
 

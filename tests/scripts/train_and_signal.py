@@ -8,6 +8,9 @@ Usage: python train_and_signal.py MODE WORKDIR [OUT]
   user's script would see.
 * ``twice``: ``signal`` with the 64 MiB module of ``killsave`` and ``every_n_steps=4``, so that
   the save on interruption lasts long enough for the test's second SIGINT to land during it.
+* ``stuck``: ``signal`` with a callback whose ``on_interrupt`` lasts (a save) until the second
+  SIGINT, and whose ``on_exception`` then never returns (a cleanup stuck on a network); the
+  abort's grace is 2 s.
 * ``atend``: sends itself SIGTERM from ``on_fit_end``, before ModelCheckpoint's final save.
 * ``hold``: ``signal`` without a checkpoint and 10x slower, for a test that needs a fit holding
   WORKDIR while it tries another.
@@ -25,6 +28,7 @@ Usage: python train_and_signal.py MODE WORKDIR [OUT]
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -33,6 +37,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/models.py
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung child shows where it hangs
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -100,6 +105,18 @@ class Marker(nnxfit.Callback):
                     f.write(str(os.getpid()))
                 os.replace(self.path + ".tmp", self.path)  # never seen half-written
             time.sleep(self.slow)
+
+
+class StuckCleanup(nnxfit.Callback):
+    def __init__(self, workdir):
+        self.workdir = workdir
+
+    def on_interrupt(self, trainer, module):
+        open(os.path.join(self.workdir, "interrupting"), "w").close()
+        time.sleep(3600)  # until the second SIGINT
+
+    def on_exception(self, trainer, module, error):
+        time.sleep(3600)  # for good
 
 
 class TermAtFitEnd(nnxfit.Callback):
@@ -224,6 +241,13 @@ def main(argv):
         )
         trainer.fit(make_module(big=big), train_data(), val_data())
         sys.exit(5)  # finished without being interrupted
+    if mode == "stuck":
+        nnxfit.interrupt.ABORT_GRACE_S = 2.0
+        callbacks = [StuckCleanup(workdir), Marker(os.path.join(workdir, "marker"))]
+        nnxfit.Trainer(workdir=workdir, callbacks=callbacks, **FIT).fit(
+            make_module(), train_data(), val_data()
+        )
+        sys.exit(5)
     if mode == "atend":
         trainer = nnxfit.Trainer(
             workdir=workdir, callbacks=[ModelCheckpoint(), TermAtFitEnd()], **FIT
