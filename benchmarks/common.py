@@ -252,24 +252,29 @@ class Stopwatch(nnxfit.Callback):
         self.t0 = self.t1 = None
         self.s0 = self.s1 = 0
         self.cpu0 = self.cpu1 = (0.0, 0.0)  # CPU seconds: this process, its child processes
+        self.loop0 = self.loop1 = 0.0  # CPU seconds of the thread running the loop
 
     def on_train_epoch_end(self, trainer, module, epoch, logs):
         if epoch == 0 or epoch + 1 == trainer.max_epochs:
             jax.block_until_ready(trainer.train_state())
             t = time.perf_counter()
-            cpu = (time.process_time(), children_cpu())
+            cpu, loop = (time.process_time(), children_cpu()), time.thread_time()
             # The device has done every step dispatched so far, which may run ahead of the
             # epoch whose end this is (the Trainer's lookahead).
             if epoch == 0:
-                self.t0, self.s0, self.cpu0 = t, trainer.dispatch_step, cpu
+                self.t0, self.s0, self.cpu0, self.loop0 = t, trainer.dispatch_step, cpu, loop
             else:
-                self.t1, self.s1, self.cpu1 = t, trainer.dispatch_step, cpu
+                self.t1, self.s1, self.cpu1, self.loop1 = t, trainer.dispatch_step, cpu, loop
 
     def cpu_per_step(self) -> tuple[float, float]:
         """CPU microseconds per step in the window: this process (the loop, XLA's threads, the
         loggers' threads), and its child processes (the trackers' processes and theirs)."""
         n = self.s1 - self.s0
         return tuple((b - a) / n * 1e6 for a, b in zip(self.cpu0, self.cpu1, strict=True))
+
+    def loop_cpu_per_step(self) -> float:
+        """CPU microseconds per step of the thread that runs the loop (and dispatches)."""
+        return (self.loop1 - self.loop0) / (self.s1 - self.s0) * 1e6
 
     @property
     def rate(self) -> float:

@@ -43,7 +43,9 @@ def plot(results: list[dict], path: str, title: str | None = None) -> str:
         1, len(results), figsize=(4.6 * len(results), 0.42 * len(keys) + 1.6), squeeze=False
     )
     for ax, res in zip(axes[0], results, strict=True):
-        rates = res["rates"]
+        # A rate that is not a measurement (peers.py says why) is left out, not drawn.
+        invalid = res.get("invalid", {})
+        rates = {k: v for k, v in res["rates"].items() if k not in invalid}
         base = rates["A"]
         ks = [k for k in keys if k in rates]
         ys = list(range(len(ks)))[::-1]
@@ -57,6 +59,9 @@ def plot(results: list[dict], path: str, title: str | None = None) -> str:
         ax.set_yticklabels([LABELS[k] for k in ks] if ax is axes[0][0] else [])
         ax.set_xlabel("steps/s (ratio to A)")
         ax.set_title(res["title"], fontsize=9)
+        if invalid:
+            left_out = ", ".join(LABELS[k] for k in invalid)
+            ax.set_xlabel(f"steps/s (ratio to A)\nleft out, not a measurement: {left_out}")
     title = title or "Training throughput: same model, optimizer and data; one process"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
