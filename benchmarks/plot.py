@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 
 LABELS = {
     "A": "jax.jit, hand-written (A)",
@@ -61,7 +62,8 @@ def plot(results: list[dict], path: str, title: str | None = None) -> str:
         ax.set_title(res["title"], fontsize=9)
         if invalid:
             left_out = ", ".join(LABELS[k] for k in invalid)
-            ax.set_xlabel(f"steps/s (ratio to A)\nleft out, not a measurement: {left_out}")
+            note = textwrap.fill(f"left out, not a measurement: {left_out}", 48)
+            ax.set_xlabel(f"steps/s (ratio to A)\n{note}", fontsize=8)
     title = title or "Training throughput: same model, optimizer and data; one process"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
