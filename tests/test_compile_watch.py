@@ -42,7 +42,7 @@ class ShapeShifter:
             yield x[i * bs : (i + 1) * bs], y[i * bs : (i + 1) * bs]
 
 
-def test_each_program_logged_once_with_its_compile_time(caplog):
+def test_each_program_logged_once_with_its_compile_time(caplog, cold_compiles):
     cw = CompileWatch()
     tr = nnxfit.Trainer(max_epochs=3, progress_bar=False, callbacks=[cw])
     with caplog.at_level(logging.INFO, logger="nnxfit.compile"):
