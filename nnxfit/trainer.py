@@ -64,6 +64,7 @@ from nnxfit.module import TrainModule, has_validation_step
 from nnxfit.placement import Placement
 from nnxfit.plan import Plan, epoch_size
 from nnxfit.resume_point import ResumeInfo, ResumePoint, Trail, capture
+from nnxfit.rollback import Rollback
 from nnxfit.runs import begin_run
 from nnxfit.sanity import check_validation
 from nnxfit.speculation import NoSpeculation, Speculation, mark_every
@@ -146,6 +147,7 @@ class Trainer(FitView, FitState, EvalAPI):
         self._spec: BatchSpec | None = None
         self._n_train_batches: int | None = None
         self._speculation: Speculation | NoSpeculation = NoSpeculation()
+        self._rollback: Rollback | None = None  # a guard's action="rollback" (rollback.py)
         self._signals = interrupt.Signals()
         self._device_clock = DeviceClock(wait_ready)
         self._eval_cache = evaluate.EvalPrograms()  # for modules outside a fit
@@ -267,6 +269,7 @@ class Trainer(FitView, FitState, EvalAPI):
             self._speculation = Speculation(carry, lambda: self._sent.step, every)
         else:
             self._speculation = NoSpeculation()
+        self._rollback = Rollback.of(self)
         self._device_clock.start(self._seen.step)
         loop.run(
             self._dispatch(),
@@ -360,6 +363,9 @@ class Trainer(FitView, FitState, EvalAPI):
             self._end_epoch(ev, in_step)
         else:
             self._interrupt()
+        rollback = self._rollback
+        if rollback is not None and rollback.request is not None and in_step:
+            rollback.perform()  # a guard saw a run of bad steps: nothing is in flight now
         return self.should_stop
 
     def _end_epoch(self, ev: Event, in_step: bool) -> None:
