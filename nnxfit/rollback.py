@@ -50,6 +50,7 @@ call that completed it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -58,7 +59,6 @@ from nnxfit import bad_runs
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
 from nnxfit.checkpoint import CheckpointCorruptError, list_steps, read_train_state
 from nnxfit.errors import ConfigError, RollbackError
-from nnxfit.resume_point import Trail
 from nnxfit.warn import warn
 
 
@@ -110,7 +110,7 @@ def check_config(trainer, owner: str) -> None:
 
 
 class Rollback:
-    """The rollbacks of one fit (``Trainer._rollback``; None without a rolling-back guard):
+    """The rollbacks of one fit (``trainer.rollback``; None without a rolling-back guard):
     a guard ``ask``s at a log step, the Trainer ``perform``s after that event's hooks."""
 
     def __init__(self, trainer):
@@ -148,9 +148,10 @@ class Rollback:
         return True
 
     # -- after the event's hooks, the device in step ---------------------------------------
-    def perform(self) -> None:
+    def perform(self, rewind: Callable[[dict, int], None]) -> None:
         """Goes back to the newest good checkpoint before the requested run (module
-        docstring)."""
+        docstring); ``rewind(state, step)`` puts the fit there (the Trainer's
+        ``FitState._rewind``)."""
         t = self.trainer
         guard, kind, first, at = self.request
         self.request = None
@@ -159,16 +160,15 @@ class Rollback:
             c.finish_saves()
         meta, state, path = self._newest_before(guard, kind, first, at, saving)
         c_step = int(meta["step"])
-        seen = t._seen
         record = RollbackRecord(
             kind=kind,
             first_bad_step=first,
             bad_step=at,
-            seen_at=seen.step,
+            seen_at=t.global_step,
             checkpoint=path,
             checkpoint_step=c_step,
-            undone_steps=seen.step - c_step,
-            skipped_batches=self._batches_since(meta, seen),
+            undone_steps=t.global_step - c_step,
+            skipped_batches=self._batches_since(meta),
         )
         carry = t.carry
         live = carry.state_dict()
@@ -177,20 +177,11 @@ class Rollback:
             if bad_runs.run_key(k) in health:
                 health[bad_runs.run_key(k)] = jnp.zeros_like(health[bad_runs.run_key(k)])
                 health[bad_runs.at_key(k)] = jnp.full_like(health[bad_runs.at_key(k)], -1)
-        carry.load_state_dict({**state, "acc": live["acc"], "last": live["last"], "health": health})
+        # The step count goes back, the data position does not (``FitState._rewind``).
+        rewind({**state, "acc": live["acc"], "last": live["last"], "health": health}, c_step)
         carry.rollback_at = {}
-        # The host's counters: the step goes back, the data position does not.
-        t._plan.rolled_back(seen.step - c_step)
-        seen.step = t._sent.step = t._signals.sending = c_step
-        keep = t._trail.calls.maxlen if t._trail.calls is not None else 0
-        t._trail = Trail(c_step, dict(t.logged_metrics), keep)
-        t._resume_point = None  # a fit that had reached its end goes on
-        t._schedule.log_from = None
-        t._device_clock.start(c_step)
         for c in saving:
             c.rolled_back(t, c_step)
-        t._sync_to_module()
-        t._speculation.after_barrier()  # the restored state is the one to re-run from
         guard.rollback_log.append(record)
         left = guard.max_rollbacks - (guard.rollbacks - guard.rollbacks_before)
         warn(
@@ -228,16 +219,16 @@ class Rollback:
             step=first,
         )
 
-    def _batches_since(self, meta: dict, seen) -> int:
+    def _batches_since(self, meta: dict) -> int:
         """Batches trained on between the checkpoint's data position and the fit's now."""
         t = self.trainer
         e0, b0 = int(meta["epoch"]), int(meta["batch_in_epoch"])
-        nb = t.n_train_batches
-        if e0 == seen.epoch:
-            return seen.batch - b0
+        epoch, batch, nb = t.current_epoch, t.batch_in_epoch, t.n_train_batches
+        if e0 == epoch:
+            return batch - b0
         if nb is not None:
-            return (seen.epoch - e0) * nb + seen.batch - b0
-        return (seen.step - int(meta["step"])) * t.grad_accum_steps  # unknown epoch length
+            return (epoch - e0) * nb + batch - b0
+        return (t.global_step - int(meta["step"])) * t.grad_accum_steps  # length unknown
 
 
 DEFAULT_MAX_CONSECUTIVE = 3
@@ -294,7 +285,7 @@ class RollsBack:
         running count goes into the logs."""
         if self.action != "rollback":
             return
-        rb = trainer._rollback
+        rb = trainer.rollback
         if rb is not None:
             rb.ask(self, self.kind)
         logs["rollbacks"] = float(self.rollbacks)

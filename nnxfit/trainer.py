@@ -365,7 +365,7 @@ class Trainer(FitView, FitState, EvalAPI):
             self._interrupt()
         rollback = self._rollback
         if rollback is not None and rollback.request is not None and in_step:
-            rollback.perform()  # a guard saw a run of bad steps: nothing is in flight now
+            rollback.perform(self._rewind)  # a guard saw a run of bad steps; none in flight
         return self.should_stop
 
     def _end_epoch(self, ev: Event, in_step: bool) -> None:

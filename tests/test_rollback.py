@@ -58,16 +58,22 @@ def fit(workdir, data, guard, *, every=10, top_k=3, **kw):
     return trainer, module, history.history, [str(w.message) for w in rec]
 
 
-@pytest.mark.parametrize("spe", [1, 4])
-def test_rollback_after_injected_nans_ends_finite_with_the_right_counters(tmp_path, spe):
+@pytest.mark.parametrize("spe, speculate", [(1, True), (4, True), (1, False)])
+def test_rollback_after_injected_nans_ends_finite_with_the_right_counters(
+    tmp_path, spe, speculate, monkeypatch
+):
     """Step 6 alone is skipped; steps 19-21 are three in a row: seen at the log step of 30 (32
     in calls of 4), the fit goes back to the newest checkpoint before step 19 (10; 12 in calls
     of 4), whose parameters and optimizer state it restores; checkpoint 20 (taken during the
-    run) goes aside; the data goes on with batch 30 (32): 20 steps and 20 batches dropped."""
+    run) goes aside; the data goes on with batch 30 (32): 20 steps and 20 batches dropped.
+    Speculating (NaNGuard's re-run from a kept copy) or gating every step."""
+    if not speculate:
+        monkeypatch.setattr(nnxfit.speculation, "SPECULATE_MAX_BYTES", 0)
     guard = NaNGuard("rollback", max_consecutive=3)
     trainer, module, history, msgs = fit(
         tmp_path, batches(nans={5, 18, 19, 20}), guard, steps_per_execution=spe
     )
+    assert trainer.programs.config.speculate == speculate
     ckpt, seen = (10, 30) if spe == 1 else (12, 32)
     assert all(np.isfinite(x).all() for x in state(trainer, module))
     (record,) = guard.rollback_log
@@ -107,6 +113,17 @@ def test_a_rolled_back_fit_is_exact_and_deterministic(tmp_path):
     assert same(rolled, again) and again_guard.rollback_log[0].checkpoint_step == 20
     _, clean_guard, clean = run("c", data[:20] + data[30:])
     assert same(rolled, clean) and clean_guard.rollbacks == 0
+
+
+def test_with_max_steps_the_fit_trains_on_until_its_step_count_gets_there(tmp_path):
+    """Rolled back from step 30 to 20 inside the epoch, the fit takes batches 30-54 as steps
+    21-45 (not stopping at batch 45, where it had planned step 45 before going back)."""
+    guard = NaNGuard("rollback", max_consecutive=3)
+    trainer, _, history, _ = fit(tmp_path, batches(nans={24, 25, 26}), guard, max_steps=45)
+    assert [r.checkpoint_step for r in guard.rollback_log] == [20]
+    assert trainer.global_step == 45 and history["rollbacks"] == [1.0]
+    meta = read_meta(tmp_path / "checkpoints")  # the resume point: inside epoch 0
+    assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (45, 0, 55)
 
 
 def test_after_max_rollbacks_a_rollback_error_names_the_steps_checkpoint_and_fix(tmp_path):
