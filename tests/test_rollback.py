@@ -117,10 +117,14 @@ def test_a_rolled_back_fit_is_exact_and_deterministic(tmp_path):
 
 def test_with_max_steps_the_fit_trains_on_until_its_step_count_gets_there(tmp_path):
     """Rolled back from step 30 to 20 inside the epoch, the fit takes batches 30-54 as steps
-    21-45 (not stopping at batch 45, where it had planned step 45 before going back)."""
+    21-45 (not stopping at batch 45, where it had planned step 45 before going back). Step 30
+    is a log step, not a save step: the guard alone has the loop in step with the device
+    there, so the rollback happens right after its hooks."""
     guard = NaNGuard("rollback", max_consecutive=3)
-    trainer, _, history, _ = fit(tmp_path, batches(nans={24, 25, 26}), guard, max_steps=45)
-    assert [r.checkpoint_step for r in guard.rollback_log] == [20]
+    trainer, _, history, _ = fit(
+        tmp_path, batches(nans={24, 25, 26}), guard, every=20, max_steps=45
+    )
+    assert [(r.seen_at, r.checkpoint_step) for r in guard.rollback_log] == [(30, 20)]
     assert trainer.global_step == 45 and history["rollbacks"] == [1.0]
     meta = read_meta(tmp_path / "checkpoints")  # the resume point: inside epoch 0
     assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (45, 0, 55)
