@@ -17,7 +17,7 @@ from flax import nnx
 from models import Classifier, toy_data
 
 import nnxfit
-from nnxfit.callbacks import ModelCheckpoint, NaNGuard, SpikeGuard
+from nnxfit.callbacks import ModelCheckpoint, NaNGuard, RollbackWarning, SpikeGuard
 from nnxfit.checkpoint import list_steps, read_meta
 
 BS = 4
@@ -55,7 +55,7 @@ def fit(workdir, data, guard, *, every=10, top_k=3, **kw):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         history = trainer.fit(module, data)
-    return trainer, module, history.history, [str(w.message) for w in rec]
+    return trainer, module, history.history, rec
 
 
 @pytest.mark.parametrize("spe, speculate", [(1, True), (4, True), (1, False)])
@@ -85,9 +85,11 @@ def test_rollback_after_injected_nans_ends_finite_with_the_right_counters(
     assert trainer.global_step == 40 and guard.rollbacks == 1
     assert history["rollbacks"] == [1.0] and history["nonfinite_steps"] == [4.0]
     assert trainer.history.epoch == [0] and np.isfinite(history["loss"][0])
-    rolled = [m for m in msgs if "rolled back to checkpoint" in m]
-    assert len(rolled) == 1 and f"(steps 19-21, seen at step {seen})" in rolled[0]
-    assert "20 steps undone, the 20 batches since that checkpoint skipped" in rolled[0]
+    rolled = [w for w in msgs if "rolled back to checkpoint" in str(w.message)]
+    assert len(rolled) == 1 and rolled[0].category is RollbackWarning
+    assert rolled[0].filename == __file__  # the user's fit line
+    assert f"(steps 19-21, seen at step {seen})" in str(rolled[0].message)
+    assert "20 steps undone, the 20 batches since that checkpoint skipped" in str(rolled[0].message)
     # The abandoned timeline's checkpoint moved aside, never deleted; the fit saved on from
     # the checkpoint's step.
     (aside,) = glob.glob(os.path.join(tmp_path, "checkpoints.rolled-back-*"))
@@ -168,7 +170,7 @@ def test_spike_guard_rolls_back_after_consecutive_spikes(tmp_path):
     assert record.kind == "spike" and (record.first_bad_step, record.bad_step) == (25, 27)
     assert record.checkpoint_step == 20 and trainer.global_step == 50
     assert history["rollbacks"] == [1.0] and history["spike_steps"] == [3.0]
-    assert any("3 loss spike steps in a row" in m for m in msgs)
+    assert any("3 loss spike steps in a row" in str(w.message) for w in msgs)
 
 
 @pytest.mark.parametrize(
