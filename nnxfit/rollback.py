@@ -11,9 +11,12 @@ back to the newest good checkpoint, in process, and goes on:
   written during the run holds the state the run started from). ``ModelCheckpoint`` never
   writes a non-finite state, and each checkpoint's files are verified against their
   checksums; an unreadable one is passed over for an older one (it is left where it is).
-  A fit with such a guard needs a ``ModelCheckpoint`` that saves full checkpoints: without
-  one it is a ``ConfigError`` at fit start (no hidden in-memory copy doubling the state's
-  memory). Save often enough to roll back to something: ``every_n_steps``;
+  A fit with such a guard needs a ``ModelCheckpoint`` that saves full checkpoints and keeps
+  two or more (``save_top_k``; the saves during a run would rotate a single one away):
+  without one it is a ``ConfigError`` at fit start (no hidden in-memory copy doubling the
+  state's memory; ``fast_dev_run``, which writes none, is let through). Save often enough to
+  roll back to something: ``every_n_steps``. The save due at the very event that rolls back
+  is not made (``FitView.rolling_back``): it would hold the state being abandoned;
 * *restored* from it: the module's variables, the optimizer state (with it the learning
   rate schedule's position and any injected hyperparameter such as a ``ReduceLROnPlateau``
   rate), the step features' state (the ``EMA``, ``SpikeGuard``'s window) and the step count.
