@@ -117,6 +117,26 @@ def test_a_rolled_back_fit_is_exact_and_deterministic(tmp_path):
     assert same(rolled, clean) and clean_guard.rollbacks == 0
 
 
+def test_with_grad_accum_steps_positions_count_batches(tmp_path):
+    """Two batches a step: batches 24-29 are steps 13-15, seen at step 20 (batch 40); back to
+    step 10 (batch 20): 10 steps and 20 batches dropped, and the fit equals one on batches 0-19
+    and 40-59."""
+    data = batches(nans={24, 25, 26, 27, 28, 29})
+
+    def run(name, data):
+        guard = NaNGuard("rollback", max_consecutive=3)
+        trainer, module, _, _ = fit(tmp_path / name, data, guard, grad_accum_steps=2)
+        return trainer, guard, state(trainer, module)
+
+    trainer, guard, rolled = run("a", data)
+    (record,) = guard.rollback_log
+    assert (record.first_bad_step, record.seen_at, record.checkpoint_step) == (13, 20, 10)
+    assert (record.undone_steps, record.skipped_batches) == (10, 20)
+    assert trainer.global_step == 20
+    _, _, clean = run("b", data[:20] + data[40:])
+    assert same(rolled, clean)
+
+
 def test_with_max_steps_the_fit_trains_on_until_its_step_count_gets_there(tmp_path):
     """Rolled back from step 30 to 20 inside the epoch, the fit takes batches 30-54 as steps
     21-45 (not stopping at batch 45, where it had planned step 45 before going back). Step 30
