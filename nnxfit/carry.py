@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit import averaging, spikes
+from nnxfit import averaging, bad_runs, spikes
 from nnxfit.errors import ConfigError
 from nnxfit.hyperparams import learning_rate_source
 from nnxfit.module_leaves import live_leaves
@@ -97,6 +97,9 @@ class FitCarry:
         self.first_nonfinite_step: int | None = None
         self.spike_steps = 0  # the same for SpikeGuard's spikes
         self.first_spike_step: int | None = None
+        # By ``bad_runs`` kind: the step at which a run of bad steps reached its guard's
+        # ``max_consecutive``, as of the latest read (``rollback.py``).
+        self.rollback_at: dict[str, int | None] = {}
         # Jitted (4 us a call) rather than eager (20-50 us): they run at every log step. On a
         # mesh their outputs keep the carry's shardings, so the step sees the same signature.
         tail = leaves[layout.n_head :]
@@ -155,6 +158,10 @@ class FitCarry:
         if features.spike is not None:
             extra["spike"] = spikes.init(features.spike)
             health.update(spikes.init_health())
+            if features.spike.rollback_after is not None:
+                health.update(bad_runs.init_health("spike"))
+        if features.rollback_after is not None:
+            health.update(bad_runs.init_health("nonfinite"))
         last = {"lr": jnp.zeros((), jnp.float32)} if features.lr else {}
         names = metric_names(
             train_def, module.trainable, step_config, spec.treedef, params, rest,
@@ -268,6 +275,10 @@ class FitCarry:
             self.spike_steps = int(health["spike_steps"])
             first = int(health["first_spike_step"])
             self.first_spike_step = first if first >= 0 else None
+        for kind in bad_runs.KINDS:  # a run of bad steps long enough to roll back
+            if bad_runs.at_key(kind) in health:
+                at = int(health[bad_runs.at_key(kind)])
+                self.rollback_at[kind] = at if at >= 0 else None
         return np.asarray(acc, np.float64), last
 
     def means(self, acc: np.ndarray, last: dict) -> dict[str, float]:

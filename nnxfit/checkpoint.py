@@ -493,6 +493,16 @@ def unverified(where: str, stacklevel: int) -> None:
 def restore_and_verify(trainer, directory: str, step: int) -> tuple[dict, bool]:
     """Loads checkpoint ``step`` of ``directory`` into the fit; returns its metadata and
     whether its files were checked against a checksum manifest (older checkpoints have none)."""
+    meta, state, verified = read_train_state(trainer, directory, step)
+    trainer.load_train_state(state)
+    trainer.load_loop_state(meta["loop"])
+    return meta, verified
+
+
+def read_train_state(trainer, directory: str, step: int) -> tuple[dict, dict, bool]:
+    """Reads full checkpoint ``step`` of ``directory`` for the fit of ``trainer``, changing
+    nothing: ``(metadata, state shaped as trainer.train_state(), verified)``. Files checked
+    against the checksum manifest and every array against the live state first."""
     where = os.path.join(directory, str(step))
     reader = _reader(directory)
     try:
@@ -508,9 +518,7 @@ def restore_and_verify(trainer, directory: str, step: int) -> tuple[dict, bool]:
     finally:
         reader.close()
     state = {**module.treedef.unflatten(out["module"]), **train.treedef.unflatten(out["train"])}
-    trainer.load_train_state(state)
-    trainer.load_loop_state(meta["loop"])
-    return meta, verified
+    return meta, state, verified
 
 
 def restore_into_trainer(trainer, directory: str, step: int) -> dict:

@@ -38,6 +38,12 @@ class NonFiniteError(NnxfitError, FloatingPointError):
         self.step = step
 
 
+class RollbackError(NonFiniteError):
+    """``NaNGuard`` / ``SpikeGuard`` with ``action="rollback"`` gave up: ``max_rollbacks``
+    were spent, or no checkpoint before the bad steps was there to go back to. ``.step`` is
+    the first bad step of the run that could not be rolled back."""
+
+
 class TrainingInterrupted(NnxfitError, KeyboardInterrupt):
     """``fit`` stopped on SIGTERM or SIGINT after saving; resume with ``fit(..., resume=True)``.
 

@@ -78,6 +78,23 @@ class FitState:
             point = capture(self, self._trail, self._plan.cut_rest, at_end=False)
         return self._carry.state_dict(point.leaves), point.loop
 
+    def _rewind(self, state: dict, step: int) -> None:
+        """A guard's rollback (``rollback.py``): the device state becomes ``state`` (from the
+        checkpoint of ``step``), the step count goes back to ``step``; the data position, the
+        epoch, the History and the callbacks' states stay. Called in step with the device
+        (nothing dispatched past the event being delivered)."""
+        self.load_train_state(state)
+        seen = self._seen
+        self._plan.rolled_back(seen.step - step)
+        seen.step = self._sent.step = self._signals.sending = step
+        calls = self._trail.calls
+        keep = calls.maxlen if calls is not None else 0
+        self._trail = Trail(step, dict(self.logged_metrics), keep)
+        self._resume_point = None  # a fit that had reached its end trains on
+        self._schedule.log_from = None
+        self._device_clock.start(step)
+        self._speculation.after_barrier()  # the restored state is the one to re-run from
+
     @property
     def checkpoint_step(self) -> int:
         """The step of the state a checkpoint saves now (``checkpoint_state``): the global

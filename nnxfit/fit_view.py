@@ -99,6 +99,20 @@ class FitView:
         """The first step ``SpikeGuard`` found a spike at, as of the latest log."""
         return None if self._carry is None else self._carry.first_spike_step
 
+    @property
+    def rollback(self):
+        """The current (or last) fit's rollbacks (``rollback.Rollback``), with a ``NaNGuard``
+        or ``SpikeGuard`` whose action is ``"rollback"``; else None."""
+        return getattr(self, "_rollback", None)
+
+    @property
+    def rolling_back(self) -> bool:
+        """Whether a guard with ``action="rollback"`` asked, at the event the hooks are
+        seeing, to go back to a checkpoint once its hooks ran (``nnxfit/rollback.py``): the
+        state now is about to be abandoned, and ``ModelCheckpoint`` does not save it."""
+        rollback = self.rollback
+        return rollback is not None and rollback.request is not None
+
     def get_hyperparameter(self, name: str, optimizer: str | None = None) -> Any:
         """The value of the optimizer's hyperparameter ``name`` in the fit's current state
         (a float; an array for a non-scalar one), read from a callback's hook or after fit.

@@ -78,6 +78,7 @@ class Plan:
         self.data, self.spec, self.put = data, spec, put
         self.call_rest = 0  # steps of a cut call a resumed fit runs first (set by a resume)
         self.cut_rest = 0  # steps max_steps cut from the last call planned
+        self._shift = 0  # added to max_steps until the next epoch's plan (``rolled_back``)
         self.configure(config)
 
     def configure(self, config) -> None:
@@ -93,6 +94,8 @@ class Plan:
         """The calls of ``epoch`` from its batch ``start``, ``planned`` steps having gone out
         before. ``on_wait(t0, seconds)``: the loop waited from ``t0`` for the next call (also
         for the end of the epoch)."""
+        if self._shift:  # ``planned`` is the fit's step count again
+            self.max_steps, self._shift = self.max_steps - self._shift, 0
         calls = self._plan(epoch, start, planned)
         prefetch = Prefetch(calls, self.prefetch) if self.prefetch else None
         it, clock = iter(prefetch if prefetch is not None else calls), time.perf_counter
@@ -107,6 +110,14 @@ class Plan:
         finally:
             if prefetch is not None:
                 prefetch.close()
+
+    def rolled_back(self, steps: int) -> None:
+        """The fit's step count went back ``steps`` steps (``rollback.py``) while the epoch's
+        calls are planned from a count of their own, now ``steps`` too high: ``max_steps``
+        moves up with it until the next epoch's plan starts from the fit's count."""
+        if self.max_steps is not None:
+            self.max_steps += steps
+            self._shift += steps
 
     def _plan(self, epoch: int, start: int, planned: int) -> Iterator[Call]:
         K, A, data, limit = self.K, self.A, self.data, self.limit

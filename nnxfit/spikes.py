@@ -26,6 +26,8 @@ class SpikeSpec(NamedTuple):
     window: int
     threshold: float
     halt: bool  # SpikeGuard("stop"): the first spike freezes the state, as NaNGuard("stop")
+    # SpikeGuard("rollback", max_consecutive=K): K spikes in a row roll back (``bad_runs.py``)
+    rollback_after: int | None = None
 
 
 def init(spec: SpikeSpec) -> dict:

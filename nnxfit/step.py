@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit import averaging, loop_convs, spikes
+from nnxfit import averaging, bad_runs, loop_convs, spikes
 from nnxfit.errors import ConfigError, StepOutputError
 from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
 from nnxfit.hyperparams import learning_rate_of
@@ -66,6 +66,9 @@ class StepFeatures:
     ema_decay: float | None = None
     ema_validate: bool = False
     spike: spikes.SpikeSpec | None = None
+    # NaNGuard("rollback", max_consecutive=K): the step also counts the current run of
+    # non-finite steps and notes the step at which one first reached K (``rollback.py``).
+    rollback_after: int | None = None
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in (None, "skip", "halt"):
@@ -105,7 +108,7 @@ class StepFeatures:
     def merge(self, other: StepFeatures, owner: str = "a callback") -> StepFeatures:
         """The features of both; two different EMAs or spike guards are a ``ConfigError``."""
         out = StepFeatures.from_names(self.names | other.names)
-        for name in ("ema_decay", "spike"):
+        for name in ("ema_decay", "spike", "rollback_after"):
             a, b = getattr(self, name), getattr(other, name)
             if a is not None and b is not None and a != b:
                 raise ConfigError(
@@ -117,6 +120,9 @@ class StepFeatures:
             ema_decay=self.ema_decay if self.ema_decay is not None else other.ema_decay,
             ema_validate=self.ema_validate or other.ema_validate,
             spike=self.spike if self.spike is not None else other.spike,
+            rollback_after=(
+                self.rollback_after if self.rollback_after is not None else other.rollback_after
+            ),
         )
 
     @property
@@ -500,6 +506,9 @@ class Programs:
         if spike_spec is not None:
             extra = {**extra, "spike": spikes.push(spike_spec, extra["spike"], value, ok)}
             health = {**health, **spikes.count(health, spike, c.step + 1)}
+            if spike_spec.rollback_after is not None:
+                k = spike_spec.rollback_after
+                health = {**health, **bad_runs.count(health, "spike", spike, c.step + 1, k)}
         if feats.finite:
             first = health["first_nonfinite_step"]
             health = {
@@ -507,6 +516,9 @@ class Programs:
                 "nonfinite_steps": health["nonfinite_steps"] + (~finite).astype(jnp.int32),
                 "first_nonfinite_step": jnp.where((first < 0) & ~finite, c.step + 1, first),
             }
+            if feats.rollback_after is not None:
+                k = feats.rollback_after
+                health = {**health, **bad_runs.count(health, "nonfinite", ~finite, c.step + 1, k)}
         last = self._last(c.last, opt, c.step)
         vals = jnp.stack([step_logs[k].astype(jnp.float32) for k in self.metric_order] + [1.0])
         acc = c.acc + jnp.where(ok, vals, 0.0)

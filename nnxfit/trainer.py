@@ -52,6 +52,7 @@ from nnxfit.module import TrainModule
 from nnxfit.placement import Placement
 from nnxfit.plan import Plan
 from nnxfit.resume_point import ResumeInfo, ResumePoint, Trail, capture
+from nnxfit.rollback import Rollback
 from nnxfit.runs import begin_run
 from nnxfit.sanity import check_validation
 from nnxfit.speculation import NoSpeculation, Speculation, mark_every
@@ -123,6 +124,7 @@ class Trainer(FitView, FitState, EvalAPI):
         self._spec: BatchSpec | None = None
         self._n_train_batches: int | None = None
         self._speculation: Speculation | NoSpeculation = NoSpeculation()
+        self._rollback: Rollback | None = None  # a guard's action="rollback" (rollback.py)
         self._signals = interrupt.Signals()
         self._device_clock = DeviceClock(wait_ready)
         self._eval_cache = evaluate.EvalPrograms()  # for modules outside a fit
@@ -224,6 +226,7 @@ class Trainer(FitView, FitState, EvalAPI):
             self._speculation = Speculation(carry, lambda: self._sent.step, every)
         else:
             self._speculation = NoSpeculation()
+        self._rollback = Rollback.of(self)
         self._device_clock.start(self._seen.step)
         loop.run(
             self._dispatch(),
@@ -317,6 +320,9 @@ class Trainer(FitView, FitState, EvalAPI):
             self._end_epoch(ev, in_step)
         else:
             self._interrupt()
+        rollback = self._rollback
+        if rollback is not None and rollback.request is not None and in_step:
+            rollback.perform(self._rewind)  # a guard saw a run of bad steps; none in flight
         return self.should_stop
 
     def _end_epoch(self, ev: Event, in_step: bool) -> None:

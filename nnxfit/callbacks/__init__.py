@@ -21,6 +21,7 @@ from nnxfit.callbacks.tensorboard import TensorBoardLogger
 from nnxfit.callbacks.throughput import DataBottleneckWarning, ThroughputMonitor
 from nnxfit.callbacks.wandb_logger import WandbLogger
 from nnxfit.callbacks.writer import LoggerCallback, Row, RunStart, RunWriter
+from nnxfit.rollback import RollbackRecord, RollbackWarning
 
 __all__ = [
     "Callback",
@@ -46,6 +47,8 @@ __all__ = [
     "ProgressBar",
     "RecompileWarning",
     "ReduceLROnPlateau",
+    "RollbackRecord",
+    "RollbackWarning",
     "Row",
     "RunStart",
     "RunWriter",

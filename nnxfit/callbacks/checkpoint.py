@@ -281,6 +281,30 @@ class ModelCheckpoint(Callback):
         if error is not None or close_error is not None:
             raise error or close_error
 
+    # -- rolling back (``nnxfit/rollback.py``) --------------------------------------------
+    def finish_saves(self) -> None:
+        """Waits until the save in flight is on disk (a rollback looks for the newest)."""
+        if self._writer is not None:
+            self._settle()
+            self._wait()
+
+    def rolled_back(self, trainer, step: int) -> None:
+        """The fit went back to the state of its checkpoint ``step``. Checkpoints of later
+        steps hold the timeline it abandoned (a resume must not continue it, and orbax
+        deletes newer steps when an older one is saved): moved aside, never deleted. A save
+        due at this epoch end is dropped; step saves count from ``step`` again."""
+        self._pending, self._seen_step = None, step
+        if self._manager is None:
+            return
+        newer = [s for s in list_steps(self.directory) if s > step]
+        if newer and trainer.is_global_zero:
+            move_aside(self.directory, newer, "rolled-back")
+        self._manager.reload()
+        if self.last_saved_step is not None and self.last_saved_step > step:
+            self.last_saved_step = step
+        if self.best_model_step is not None and self.best_model_step > step:
+            self.best_model_score = self.best_model_step = None  # ranked again from here
+
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -307,6 +331,8 @@ class ModelCheckpoint(Callback):
             self._move_undone(trainer, step)
         if step in self._manager.all_steps() or step in list_steps(self.directory):
             return False  # never twice: orbax would delete every newer checkpoint
+        if trainer.rolling_back:  # abandoned next: it would rotate the one to go back to away
+            return False
         if not state_is_finite(trainer):
             self._refuse(step)
             return False

@@ -9,6 +9,11 @@ itself untouched. With NaNGuard it is one gate, not two. Nothing is skipped befo
 values were seen. The buffer and the counts are in checkpoints, so a resumed fit skips what
 the uninterrupted one skips.
 
+``action="rollback"`` skips as ``"skip"`` does; after ``max_consecutive`` spikes in a row
+(the loss has moved to a level the window does not know) the fit goes back to the newest good
+checkpoint, in process, and goes on with the next batch, at most ``max_rollbacks`` times a fit
+(``nnxfit/rollback.py``).
+
 The host learns of spikes at log steps (``spike_steps`` in the logs, a running count) and
 warns once, naming the first. ``action="stop"`` freezes the state at the first spike (as
 ``NaNGuard("stop")`` does at a non-finite step, so the steps already dispatched change
@@ -22,18 +27,19 @@ from __future__ import annotations
 
 from nnxfit.callbacks.base import Callback
 from nnxfit.errors import ConfigError
+from nnxfit.rollback import RollsBack
 from nnxfit.spikes import MONITORS, SpikeSpec
 from nnxfit.step import StepFeatures
 from nnxfit.warn import warn
 
-ACTIONS = ("skip", "stop")
+ACTIONS = ("skip", "stop", "rollback")
 
 
 class SpikeWarning(RuntimeWarning):
     """A loss or gradient-norm spike was skipped or stopped the fit (``SpikeGuard``)."""
 
 
-class SpikeGuard(Callback):
+class SpikeGuard(RollsBack, Callback):
     """Skips or stops at steps whose ``monitor`` is above mean + ``threshold`` x std of the
     last ``window`` accepted steps' values.
 
@@ -43,10 +49,18 @@ class SpikeGuard(Callback):
             before that many were seen.
         threshold: how many standard deviations above the mean is a spike.
         action: ``"skip"`` leaves the state untouched on such steps and counts them as
-            ``spike_steps``; ``"stop"`` ends the fit at the first (its state from before it).
+            ``spike_steps``; ``"stop"`` ends the fit at the first (its state from before it);
+            ``"rollback"`` skips, and after ``max_consecutive`` spikes in a row restores the
+            newest good checkpoint and goes on with the next batch.
+        max_consecutive: with ``"rollback"``, spikes in a row that roll back (default 3).
+        max_rollbacks: with ``"rollback"``, rollbacks in a fit call; the next run of spikes
+            raises ``nnxfit.RollbackError`` (default 3).
 
-    After a fit, ``spike_step`` is the first spiking step (``None`` if none).
+    After a fit, ``spike_step`` is the first spiking step (``None`` if none); with
+    ``"rollback"``, ``rollbacks`` and ``rollback_log`` as ``NaNGuard``'s.
     """
+
+    kind = "spike"
 
     order = -95  # after NaNGuard, before checkpoints: a stopped fit saves the good state
     records_only = True  # a stop comes after the step froze the state, as NaNGuard's
@@ -57,6 +71,9 @@ class SpikeGuard(Callback):
         window: int = 128,
         threshold: float = 6.0,
         action: str = "skip",
+        *,
+        max_consecutive: int | None = None,
+        max_rollbacks: int | None = None,
     ):
         if monitor not in MONITORS:
             raise ConfigError(f"SpikeGuard monitor must be one of {MONITORS}; got {monitor!r}.")
@@ -74,22 +91,35 @@ class SpikeGuard(Callback):
             raise ConfigError(f"SpikeGuard action must be one of {ACTIONS}; got {action!r}.")
         self.monitor, self.window, self.threshold = monitor, window, float(threshold)
         self.action = action
-        spec = SpikeSpec(monitor, window, self.threshold, halt=action == "stop")
+        self._rollback_options("SpikeGuard", max_consecutive, max_rollbacks)
+        spec = SpikeSpec(
+            monitor, window, self.threshold, halt=action == "stop",
+            rollback_after=self.max_consecutive,
+        )  # fmt: skip
         self.step_features = StepFeatures(spike=spec)
         self.spike_step: int | None = None
 
     def logged_metrics(self, trainer) -> list[str]:
-        return ["spike_steps"]
+        return ["spike_steps"] + ["rollbacks"] * (self.action == "rollback")
 
     def on_fit_start(self, trainer, module) -> None:
         self.spike_step = None
+        self._rollback_fit_start(trainer, "SpikeGuard")
 
     def on_train_batch_end(self, trainer, module, step, logs) -> None:
         if logs:  # a log step: the trainer just fetched the device's counters
             self._check(trainer)
+            self._rollback_check(trainer, logs)
 
     def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
         self._check(trainer)
+        self._rollback_check(trainer, logs)
+
+    def state_dict(self) -> dict:
+        return {"rollbacks": self.rollbacks} if self.action == "rollback" else {}
+
+    def load_state_dict(self, state) -> None:
+        self.rollbacks = int(state.get("rollbacks", 0))
 
     def _check(self, trainer) -> None:
         n = trainer.first_spike_step
@@ -100,7 +130,7 @@ class SpikeGuard(Callback):
             f"SpikeGuard: {self.monitor} at step {n} was above mean + {self.threshold:g} x std "
             f"of the last {self.window} steps'"
         )
-        if self.action == "skip":
+        if self.action in ("skip", "rollback"):
             warn(
                 f"{what}; that update was skipped (parameters, optimizer and module state kept) "
                 f"and training goes on. Later skips are counted in the logs as spike_steps "
@@ -118,5 +148,10 @@ class SpikeGuard(Callback):
     def __repr__(self) -> str:
         return (
             f"SpikeGuard(monitor={self.monitor!r}, window={self.window}, "
-            f"threshold={self.threshold:g}, action={self.action!r})"
+            f"threshold={self.threshold:g}, action={self.action!r}"
+            + (
+                f", max_consecutive={self.max_consecutive}, max_rollbacks={self.max_rollbacks})"
+                if self.action == "rollback"
+                else ")"
+            )
         )
