@@ -32,6 +32,7 @@ from nnxfit.history import History
 from nnxfit.lr_finder import LRFindResult, LRFindWarning, lr_find
 from nnxfit.modes import FrozenStatsCheck, TrainModeWarning, eval_mode
 from nnxfit.module import TrainModule
+from nnxfit.optimizers import UntrainedParamsWarning
 from nnxfit.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -60,6 +61,7 @@ __all__ = [
     "TrainModule",
     "TrainModeWarning",
     "TrainingInterrupted",
+    "UntrainedParamsWarning",
     "WorkdirLockedError",
     "__version__",
     "enable_compilation_cache",

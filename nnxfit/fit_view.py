@@ -63,7 +63,8 @@ class FitView:
         if self._carry is None:
             return []
         names, features = list(self.programs.metric_order), self.programs.config.features
-        names += ["lr"] * features.lr + ["nonfinite_steps"] * features.finite
+        names += list(self._carry.last)  # lr (lr_<name> with several optimizers)
+        names += ["nonfinite_steps"] * features.finite
         return names + ["spike_steps"] * (features.spike is not None)
 
     @property
