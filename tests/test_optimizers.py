@@ -5,7 +5,9 @@ the misconfigurations are errors or warnings naming the names and a path."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import warnings
 
@@ -24,6 +26,7 @@ from nnxfit.callbacks import (
     ModelCheckpoint,
     NaNGuard,
     ReduceLROnPlateau,
+    SpikeGuard,
 )
 from nnxfit.callbacks.grad_norm import GradNormWarning
 from nnxfit.errors import ConfigError, StepOutputError
@@ -99,7 +102,9 @@ def hand_two_losses(steps):
     m = TwoLosses()
     opts = {"enc": nnx.Optimizer(m, optax.sgd(0.05), wrt=ENC)}
     opts["head"] = nnx.Optimizer(m, optax.adam(1e-2), wrt=HEAD)
-    for batch in DATA[:steps]:
+
+    @nnx.jit
+    def step(m, opts, batch):
         grads = {}
         for name, f in (("enc", ENC), ("head", HEAD)):
             _, grads[name] = nnx.value_and_grad(
@@ -107,6 +112,9 @@ def hand_two_losses(steps):
             )(m)
         for name in ("enc", "head"):
             opts[name].update(m, grads[name])
+
+    for batch in DATA[:steps]:
+        step(m, opts, batch)
     return m, opts
 
 
@@ -204,8 +212,9 @@ def hand_two_player(steps):
     m = TwoPlayer()
     opts = {"disc": nnx.Optimizer(m, optax.sgd(0.1), wrt=DISC)}
     opts["gen"] = nnx.Optimizer(m, optax.adam(1e-2), wrt=GEN)
+    step = nnx.jit(lambda m, opts, batch: m.play(batch, opts))
     for batch in DATA[:steps]:
-        m.play(batch, opts)
+        step(m, opts, batch)
     return m, opts
 
 
@@ -224,58 +233,81 @@ def test_manual_two_player_update_equals_the_hand_loop(spe):
     assert trainer.programs.trace_count == 1
 
 
-def test_a_resumed_manual_fit_ends_bit_for_bit_where_an_uninterrupted_one_ends(tmp_path):
+@pytest.mark.parametrize("cls", [TwoPlayer, TwoLosses], ids=["manual", "several"])
+def test_a_resumed_fit_ends_bit_for_bit_where_an_uninterrupted_one_ends(tmp_path, cls):
+    """Each optimizer's state, the manual optimizers' step counts, the RNG and EMA."""
+
     def run(workdir, max_steps, resume=False):
         trainer = nnxfit.Trainer(
             max_steps=max_steps,
             workdir=workdir,
-            callbacks=[ModelCheckpoint(every_n_steps=3), EMA(decay=0.5)],
+            callbacks=[ModelCheckpoint(every_n_steps=4), EMA(decay=0.5)],
             progress_bar=False,
             log_every_n_steps=2,
             steps_per_execution=2,
         )
-        trainer.fit(TwoPlayer(), nnxfit.data.ArrayLoader((X, Y), batch_size=BS, shuffle=True))
+        data = nnxfit.data.ArrayLoader((X, Y), batch_size=BS, shuffle=True)
+        trainer.fit(cls(), data, resume=resume)
         return trainer
 
-    ref = run(tmp_path / "ref", 2 * N)
-    run(tmp_path / "run", N + 2)
-    trainer = nnxfit.Trainer(
-        max_steps=2 * N,
-        workdir=tmp_path / "run",
-        callbacks=[ModelCheckpoint(every_n_steps=3), EMA(decay=0.5)],
-        progress_bar=False,
-        log_every_n_steps=2,
-        steps_per_execution=2,
-    )
-    trainer.fit(
-        TwoPlayer(), nnxfit.data.ArrayLoader((X, Y), batch_size=BS, shuffle=True), resume=True
-    )
-    assert trainer.resumed_from is not None
+    ref = run(tmp_path / "ref", N + 4)
+    run(tmp_path / "run", 4)
+    trainer = run(tmp_path / "run", N + 4, resume=True)
+    assert trainer.resumed_from == str(tmp_path / "run" / "checkpoints" / "4")
     got, want = child.state_arrays(trainer), child.state_arrays(ref)
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
-def test_manual_nan_guard_skip_keeps_the_whole_previous_state():
-    class Poisoned(TwoPlayer):
+def poisoned(cls):
+    """``cls`` whose loss is NaN (or huge) on the batch marked by x[0, 0] = 1000 (or 500)."""
+
+    class Poisoned(cls):
         def training_step(self, batch):
-            loss, metrics = self.play(batch, self.optimizers())
             x, _ = batch
-            bad = jnp.where(x[0, 0] > 100.0, jnp.nan, 0.0)  # the marked batch only
+            bad = jnp.where(x[0, 0] > 900.0, jnp.nan, jnp.where(x[0, 0] > 400.0, 1e4, 0.0))
+            if self.automatic_optimization:
+                losses, metrics = super().training_step(batch)
+                return {**losses, "enc": losses["enc"] + bad}, metrics
+            loss, metrics = self.play(batch, self.optimizers())
             return loss + bad, metrics
 
+    return Poisoned
+
+
+@pytest.mark.parametrize("cls", [TwoPlayer, TwoLosses], ids=["manual", "several"])
+@pytest.mark.parametrize("guard", ["nan", "spike"])
+def test_a_skipped_step_keeps_the_whole_previous_state(cls, guard):
+    """NaNGuard("skip") on a non-finite loss, SpikeGuard on a spiking one: the fit ends as
+    one that never saw the batch (in manual mode the RNG state too, so the later steps draw
+    the noise the clean fit draws)."""
     data = [(x.copy(), y) for x, y in DATA]
-    data[3][0][0, 0] = 1000.0
-    clean = [d for i, d in enumerate(data) if i != 3]
-    module = Poisoned()
-    trainer, history = fit(module, data=data, callbacks=[NaNGuard("skip")])
-    assert history.history["nonfinite_steps"] == [1.0]
-    ref = Poisoned()
+    data[5][0][0, 0] = 1000.0 if guard == "nan" else 500.0
+    clean = [d for i, d in enumerate(data) if i != 5]
+    if guard == "nan":
+        callbacks, count = [NaNGuard("skip")], "nonfinite_steps"
+    else:
+        callbacks, count = [SpikeGuard(window=4, threshold=6.0)], "spike_steps"
+    module = poisoned(cls)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, history = fit(module, data=data, callbacks=callbacks)
+    assert history.history[count] == [1.0]
+    ref = poisoned(cls)()
     fit(ref, data=clean, max_steps=N - 1)
-    # the skipped step left everything as it was: the RNG state too, so the later steps
-    # drew the noise the clean fit drew
     assert_close(arrays(nnx.state(module)), arrays(nnx.state(ref)))
+
+
+def test_on_a_mesh_both_modes_equal_one_device_and_compile_once():
+    script = os.path.join(os.path.dirname(__file__), "scripts", "optimizers_mesh.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for name, r in json.loads(lines[-1][len("RESULTS ") :]).items():
+        assert r["rel_diff"] < 2e-5, name
+        assert r["trace_count"] == 1, name
+        assert r["devices"] == 4, name  # the optimizer state lives on the mesh
 
 
 def test_manual_single_optimizer_and_optimizers_outside_a_step():
