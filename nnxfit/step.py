@@ -523,7 +523,7 @@ class Programs:
             if feats.module_grad_norms and isinstance(g, nnx.State):
                 for name in g:
                     step_logs[f"grad_norm/{name}"] = self.global_norm(g[name])
-            new_finite = jnp.isfinite(gnorm) if feats.finite else None
+            new_finite = None  # the gradient norm's, below
 
             def update(t):
                 params, opt, _, new_rest, extra = t
@@ -538,7 +538,8 @@ class Programs:
         ok = jnp.bool_(True)
         health = c.health
         if feats.finite:
-            finite = jnp.isfinite(loss) & new_finite
+            finite = jnp.isfinite(loss)
+            finite = finite & (jnp.isfinite(gnorm) if new_finite is None else new_finite)
             ok = finite
             if feats.halts:
                 ok = finite & (health["first_nonfinite_step"] < 0)
