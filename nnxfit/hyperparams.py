@@ -321,9 +321,8 @@ def fit_optimizer(trainer, optimizer: str | None = None) -> tuple:
         raise ConfigError(
             f"{owner} has the optimizers {names}; name one with optimizer=<name> (got {got})."
         )
-    return spec.txs[optimizer], opt[optimizer], spec.lr_fns[optimizer], step, (
-        f"{owner}[{optimizer!r}]"
-    )
+    owner = f"{owner}[{optimizer!r}]"
+    return spec.txs[optimizer], opt[optimizer], spec.lr_fns[optimizer], step, owner
 
 
 def optimizer_names(trainer) -> list[str]:

@@ -77,9 +77,7 @@ class OptimizerSpec:
     # -- the union params state, cut by optimizer --------------------------------------------
     def split(self, state: Any) -> dict[str, Any]:
         """``state`` (the union params, or a tree of their shape) as ``{name: part}``."""
-        filters = [
-            (lambda path, _, s=self.paths[n]: tuple(path) in s) for n in self.names
-        ]
+        filters = [(lambda path, _, s=self.paths[n]: tuple(path) in s) for n in self.names]
         parts = nnx.split_state(state, *filters)
         return dict(zip(self.names, parts, strict=True))
 
@@ -168,7 +166,10 @@ def parse(module: Any) -> OptimizerSpec:
             f"that optimizer updates, e.g. trainable = {{{names[0]!r}: "
             f"nnx.All(nnx.Param, nnx.PathContains({names[0]!r})), ...}}; it is {trainable!r}."
         )
-    missing, extra = [n for n in names if n not in trainable], [n for n in trainable if n not in txs]
+    missing, extra = (
+        [n for n in names if n not in trainable],
+        [n for n in trainable if n not in txs],
+    )
     if missing or extra:
         parts = []
         if missing:

@@ -330,7 +330,9 @@ def metric_names(train_def, trainable, config: StepConfig, batch_def, params, re
     b = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in batch]
     if spec is not None and spec.manual:
         out = jax.eval_shape(
-            lambda p, r, x: manual_step.metric_shapes(train_def, trainable, batch_def, spec, p, r, x),
+            lambda p, r, x: manual_step.metric_shapes(
+                train_def, trainable, batch_def, spec, p, r, x
+            ),
             params,
             rest,
             b,
@@ -509,7 +511,8 @@ class Programs:
             step_logs = {"loss": loss, **metrics}
             need_norm = cfg.grad_clip_norm is not None or feats.grad_norm or feats.finite
             need_norm = need_norm or (spike_spec is not None and spike_spec.monitor == "grad_norm")
-            if spec is not None and spec.several and need_norm:  # several: each clipped by its own norm
+            several = spec is not None and spec.several
+            if several and need_norm:  # each optimizer's gradient clipped by its own norm
                 gnorm, g, norms = clip_and_norms(spec, self.global_norm, g, cfg.grad_clip_norm)
                 if feats.grad_norm:
                     step_logs.update({f"grad_norm_{n}": v for n, v in norms.items()})

@@ -89,6 +89,9 @@ class TwoLosses(nnxfit.TrainModule):
         losses = self.losses(batch)
         return losses, {"gap": losses["enc"] - losses["head"]}
 
+    def validation_step(self, batch):
+        return self.losses(batch)
+
     def configure_optimizers(self):
         if self.lr is not None:  # settable rates, for ReduceLROnPlateau
             inject = optax.inject_hyperparams
@@ -160,6 +163,34 @@ def test_reduce_lr_on_plateau_reduces_every_optimizer_by_default():
     assert history.history["lr_head"] == pytest.approx([0.05, 0.05, 0.005])
 
 
+def test_several_optimizers_with_accumulation_clipping_and_bfloat16():
+    """Each optimizer's gradient is accumulated over micro-batches and clipped by its own
+    norm: with a clip far below the norms, each update has exactly that norm (SGD, lr 1)."""
+
+    class Clipped(TwoLosses):
+        def configure_optimizers(self):
+            return {"enc": optax.sgd(1.0), "head": optax.sgd(1.0)}
+
+    module = Clipped()
+    before = {n: arrays(nnx.state(module, f)) for n, f in (("enc", ENC), ("head", HEAD))}
+    trainer, history = fit(module, max_steps=1, grad_accum_steps=2, grad_clip_norm=1e-3)
+    for name, f in (("enc", ENC), ("head", HEAD)):
+        delta = [a - b for a, b in zip(arrays(nnx.state(module, f)), before[name], strict=True)]
+        assert np.sqrt(sum((d.astype(np.float64) ** 2).sum() for d in delta)) == pytest.approx(
+            1e-3, rel=1e-3
+        )
+    _, history = fit(TwoLosses(), max_steps=4, precision="bfloat16")
+    assert np.isfinite(history.history["loss_head"]).all()
+
+
+def test_validate_outside_a_fit_and_lr_find_with_several_optimizers():
+    trainer = nnxfit.Trainer(max_steps=1, progress_bar=False)
+    logs = trainer.validate(TwoLosses(), DATA)
+    assert set(logs) == {"val_enc", "val_head"}
+    with pytest.raises(ConfigError, match=r"optimizers \['enc', 'head'\]; lr_find drives one"):
+        nnxfit.lr_find(TwoLosses(), DATA, num_steps=4)
+
+
 # -- manual optimization ----------------------------------------------------------------------
 class TwoPlayer(nnxfit.TrainModule):
     """A tiny GAN-shaped game on the regression data: the discriminator scores (x, y) pairs,
@@ -171,7 +202,9 @@ class TwoPlayer(nnxfit.TrainModule):
     def __init__(self, rngs_seed=1):
         rngs = nnx.Rngs(0)
         self.gen = nnx.Linear(5, 1, rngs=rngs)
-        self.disc = nnx.Sequential(nnx.Linear(5, 8, rngs=rngs), nnx.tanh, nnx.Linear(8, 1, rngs=rngs))
+        self.disc = nnx.Sequential(
+            nnx.Linear(5, 8, rngs=rngs), nnx.tanh, nnx.Linear(8, 1, rngs=rngs)
+        )
         self.noise = nnx.Rngs(noise=rngs_seed)
 
     def fake(self, x):
@@ -361,16 +394,23 @@ def make(cls_attrs=None, optimizers=None):
 
 def test_overlapping_filters_are_an_error_naming_both_names_and_a_shared_path():
     module = make({"trainable": {"enc": nnx.Param, "head": HEAD}})
-    with pytest.raises(ConfigError, match=r"trainable\['enc'\] and trainable\['head'\] overlap.*head\.bias"):
+    with pytest.raises(
+        ConfigError, match=r"trainable\['enc'\] and trainable\['head'\] overlap.*head\.bias"
+    ):
         fit(module)
 
 
 def test_a_name_missing_on_one_side_is_an_error_naming_it():
     module = make({"trainable": {"enc": ENC, "other": HEAD}})
-    with pytest.raises(ConfigError, match=r"no filter for the optimizers \['head'\].*no optimizer for the filters \['other'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no filter for the optimizers \['head'\].*no optimizer for the filters \['other'\]",
+    ):
         fit(module)
     module = make({"trainable": nnx.Param})
-    with pytest.raises(ConfigError, match=r"returned the optimizers \['enc', 'head'\].*trainable must be a dict"):
+    with pytest.raises(
+        ConfigError, match=r"returned the optimizers \['enc', 'head'\].*trainable must be a dict"
+    ):
         fit(module)
 
 
@@ -388,7 +428,9 @@ def test_a_parameter_no_filter_covers_is_named_once_in_a_warning():
 
 def test_manual_optimization_refuses_grad_accum_and_grad_clip():
     for kw in ({"grad_accum_steps": 2}, {"grad_clip_norm": 1.0}):
-        with pytest.raises(ConfigError, match="clip inside the optimizer|Clip inside the optimizer"):
+        with pytest.raises(
+            ConfigError, match="clip inside the optimizer|Clip inside the optimizer"
+        ):
             fit(TwoPlayer(), **kw)
 
 

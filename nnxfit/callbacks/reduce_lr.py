@@ -118,9 +118,7 @@ class ReduceLROnPlateau(Callback):
             _, opt, _, _, owner = fit_optimizer(trainer, name)
             why = settable_error(opt, "learning_rate", owner)
             if why is not None:
-                raise ConfigError(
-                    f"ReduceLROnPlateau sets the learning rate during the fit: {why}"
-                )
+                raise ConfigError(f"ReduceLROnPlateau sets the learning rate during the fit: {why}")
         self._m.check_fit(trainer)
 
     def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
