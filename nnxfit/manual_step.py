@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,22 +75,23 @@ def _optimizers(spec: OptimizerSpec, module: Any, opt: Any, steps: Any) -> dict:
     return out
 
 
-def _cast_like(tree: Any, like: Any) -> Any:
-    from nnxfit.step import _cast_like as cast
+class Outputs(NamedTuple):
+    """``step.py``'s checks of what ``training_step`` returns, and its cast of a new state to
+    the old one's dtypes (``step.OUTPUTS``)."""
 
-    return cast(tree, like)
+    split_loss: Callable
+    cast_like: Callable
 
 
-def _step(train_def, trainable, batch_def, spec, params, rest, opt, steps, batch):
+def _step(train_def, trainable, batch_def, spec, params, rest, opt, steps, batch, outputs):
     """``training_step`` on the merged module with its optimizers: ``(loss, metrics, params,
     opt, rest, steps)``, each state in the structure and types it came in."""
-    from nnxfit.step import split_loss
-
     module = nnx.merge(train_def, params, rest)
     opts = _optimizers(spec, module, opt, steps)
     with _providing(module, opts if spec.several else opts[""]):
         out = module.training_step(jax.tree.unflatten(batch_def, batch))
-    loss, metrics = split_loss(out)
+    loss, metrics = outputs.split_loss(out)
+    cast = outputs.cast_like
     _, new_params, new_rest = nnx.split(module, trainable, ...)
     new_opt = {k: nnx.as_pure(opts[k].opt_state) for k in spec.keys}
     new_steps = {k: opts[k].step[...] for k in spec.keys}
@@ -98,28 +100,28 @@ def _step(train_def, trainable, batch_def, spec, params, rest, opt, steps, batch
     return (
         loss.astype(jnp.float32),
         metrics,
-        _cast_like(nnx.as_pure(new_params), params),
-        _cast_like(new_opt, opt),
-        _cast_like(nnx.as_pure(new_rest), rest),
-        _cast_like(new_steps, steps),
+        cast(nnx.as_pure(new_params), params),
+        cast(new_opt, opt),
+        cast(nnx.as_pure(new_rest), rest),
+        cast(new_steps, steps),
     )
 
 
-def run(programs: Any, c: Any, batch: list) -> tuple:
+def run(programs: Any, c: Any, batch: list, outputs: Outputs) -> tuple:
     """One manual step on carry ``c``: ``(loss, metrics, (params, opt, rest, extra))``."""
     spec = programs.config.optimizers
     loss, metrics, params, opt, rest, steps = _step(
         programs.train_def, programs.trainable, programs.batch_def, spec,
-        c.params, c.rest, c.opt, c.extra["opt_steps"], batch,
+        c.params, c.rest, c.opt, c.extra["opt_steps"], batch, outputs,
     )  # fmt: skip
     return loss, metrics, (params, opt, rest, {**c.extra, "opt_steps": steps})
 
 
-def metric_shapes(train_def, trainable, batch_def, spec, params, rest, batch) -> dict:
+def metric_shapes(train_def, trainable, batch_def, spec, params, rest, batch, outputs) -> dict:
     """The metrics ``training_step`` returns (to trace with ``jax.eval_shape``)."""
     opt = spec.tx().init(params)
     steps = opt_steps_init(spec)
-    return _step(train_def, trainable, batch_def, spec, params, rest, opt, steps, batch)[1]
+    return _step(train_def, trainable, batch_def, spec, params, rest, opt, steps, batch, outputs)[1]
 
 
 def all_finite(tree: Any) -> jax.Array:

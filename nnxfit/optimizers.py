@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nnxfit.errors import ConfigError, StepOutputError
+from nnxfit.errors import ConfigError
+from nnxfit.hyperparams import learning_rate_of, learning_rate_source
 from nnxfit.warn import warn
 
 SINGLE_KEYS = frozenset({"optimizer", "lr_schedule"})  # the single optimizer's dict form
@@ -256,37 +257,6 @@ def check_config(spec: OptimizerSpec, config: Any) -> None:
 
 
 # -- several losses, automatic -----------------------------------------------------------------
-def split_named_losses(out: Any, names: tuple[str, ...]) -> tuple[dict, dict]:
-    """``training_step``'s ``{name: loss}`` or ``({name: loss}, metrics)`` with several
-    optimizers, as ``(losses, metrics)``."""
-    from nnxfit.step import check_metrics
-
-    losses, metrics = out, {}
-    if isinstance(out, tuple | list) and len(out) == 2:
-        losses, metrics = out
-    if not isinstance(losses, dict) or set(losses) != set(names):
-        if isinstance(losses, dict):
-            got = f"a dict with keys {sorted(map(str, losses))}"
-        elif hasattr(losses, "shape"):
-            got = f"one array of shape {tuple(losses.shape)}"
-        else:
-            got = f"a {type(losses).__name__}"
-        raise StepOutputError(
-            f"training_step must return one loss per optimizer {list(names)}: {{name: loss}} "
-            f"or ({{name: loss}}, metrics); it returned {got}."
-        )
-    out_losses = {}
-    for n in names:
-        loss = jnp.asarray(losses[n])
-        if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
-            raise StepOutputError(
-                f"training_step's loss {n!r} has shape {loss.shape} and dtype {loss.dtype}; "
-                "each loss must be a float scalar (reduce it, e.g. loss.mean())."
-            )
-        out_losses[n] = loss
-    return out_losses, check_metrics(metrics, "training_step")
-
-
 def named_value_and_grad(loss: Callable, spec: OptimizerSpec) -> Callable:
     """``vg(params, rest, batch) -> ((sum, (metrics, new rest)), grads)`` where ``loss``
     returns ``({name: loss}, (metrics, new rest))``: each optimizer's part of ``grads`` is the
@@ -342,8 +312,6 @@ def learning_rates(spec: OptimizerSpec, opt: Any, step: Any, extra: dict | None)
     """``{lr or lr_<name>: rate}`` of the latest update of each optimizer whose rate can be
     read (``hyperparams.learning_rate_of``); a schedule is evaluated on the fit's step count
     (automatic) or on that optimizer's own count (manual: it may step any number of times)."""
-    from nnxfit.hyperparams import learning_rate_of
-
     out = {}
     for k, state in spec.states(opt).items():
         at = step
@@ -358,8 +326,6 @@ def learning_rates(spec: OptimizerSpec, opt: Any, step: Any, extra: dict | None)
 
 def readable_rates(spec: OptimizerSpec, opt: Any) -> list[str]:
     """The keys of the optimizers whose learning rate can be read."""
-    from nnxfit.hyperparams import learning_rate_source
-
     return [
         k
         for k, state in spec.states(opt).items()

@@ -25,12 +25,7 @@ from nnxfit import averaging, loop_convs, manual_step, spikes
 from nnxfit.errors import ConfigError, StepOutputError
 from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
 from nnxfit.hyperparams import learning_rate_of
-from nnxfit.optimizers import (
-    clip_and_norms,
-    learning_rates,
-    named_value_and_grad,
-    split_named_losses,
-)
+from nnxfit.optimizers import clip_and_norms, learning_rates, named_value_and_grad
 
 FEATURES = frozenset(
     {"grad_norm", "module_grad_norms", "finite", "skip_nonfinite", "halt_on_nonfinite", "lr"}
@@ -240,6 +235,35 @@ def split_loss(out: Any) -> tuple[jax.Array, dict]:
     return loss, check_metrics(metrics, "training_step")
 
 
+def split_named_losses(out: Any, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """``training_step``'s ``{name: loss}`` or ``({name: loss}, metrics)`` with several
+    optimizers, as ``(losses, metrics)``."""
+    losses, metrics = out, {}
+    if isinstance(out, tuple | list) and len(out) == 2:
+        losses, metrics = out
+    if not isinstance(losses, dict) or set(losses) != set(names):
+        if isinstance(losses, dict):
+            got = f"a dict with keys {sorted(map(str, losses))}"
+        elif hasattr(losses, "shape"):
+            got = f"one array of shape {tuple(losses.shape)}"
+        else:
+            got = f"a {type(losses).__name__}"
+        raise StepOutputError(
+            f"training_step must return one loss per optimizer {list(names)}: {{name: loss}} "
+            f"or ({{name: loss}}, metrics); it returned {got}."
+        )
+    out_losses = {}
+    for n in names:
+        loss = jnp.asarray(losses[n])
+        if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+            raise StepOutputError(
+                f"training_step's loss {n!r} has shape {loss.shape} and dtype {loss.dtype}; "
+                "each loss must be a float scalar (reduce it, e.g. loss.mean())."
+            )
+        out_losses[n] = loss
+    return out_losses, check_metrics(metrics, "training_step")
+
+
 def check_metrics(metrics: Any, where: str) -> dict:
     if not isinstance(metrics, dict):
         raise StepOutputError(
@@ -270,6 +294,10 @@ def _cast_like(tree: Any, like: Any) -> Any:
         lambda x, ref: x.astype(ref.dtype) if x.dtype != ref.dtype else x, tree, like
     )
 
+
+# What manual_step.py needs of this module's output checks (passed, not imported: this
+# module calls it).
+OUTPUTS = manual_step.Outputs(split_loss=split_loss, cast_like=_cast_like)
 
 # Leaves up to this many elements are joined for the global gradient norm (one copy of them
 # per step; larger leaves get a dot product each, whose overhead is small next to their size).
@@ -331,7 +359,7 @@ def metric_names(train_def, trainable, config: StepConfig, batch_def, params, re
     if spec is not None and spec.manual:
         out = jax.eval_shape(
             lambda p, r, x: manual_step.metric_shapes(
-                train_def, trainable, batch_def, spec, p, r, x
+                train_def, trainable, batch_def, spec, p, r, x, OUTPUTS
             ),
             params,
             rest,
@@ -495,7 +523,7 @@ class Programs:
         spike_spec = feats.spike
         if spec is not None and spec.manual:
             # training_step updated the module itself: the gate keeps or drops its result.
-            loss, metrics, new = manual_step.run(self, c, batch)
+            loss, metrics, new = manual_step.run(self, c, batch, OUTPUTS)
             step_logs, gnorm, rest = {"loss": loss, **metrics}, None, new[2]
             new_finite = manual_step.all_finite(new[0]) if feats.finite else None
 
