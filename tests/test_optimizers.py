@@ -284,6 +284,10 @@ def test_a_resumed_fit_ends_bit_for_bit_where_an_uninterrupted_one_ends(tmp_path
         return trainer
 
     ref = run(tmp_path / "ref", N + 4)
+    loaded = cls()
+    nnxfit.load_checkpoint(loaded, tmp_path / "ref", "last")
+    want = arrays(ref.train_state()["params"])  # the checkpoint of the last step
+    assert all(map(np.array_equal, arrays(nnx.state(loaded, nnx.Param)), want))
     run(tmp_path / "run", 4)
     trainer = run(tmp_path / "run", N + 4, resume=True)
     assert trainer.resumed_from == str(tmp_path / "run" / "checkpoints" / "4")
@@ -406,6 +410,9 @@ def test_a_name_missing_on_one_side_is_an_error_naming_it():
         ConfigError,
         match=r"no filter for the optimizers \['head'\].*no optimizer for the filters \['other'\]",
     ):
+        fit(module)
+    module = make({"trainable": {"enc": ENC, "head": nnx.PathContains("nowhere")}})
+    with pytest.raises(ConfigError, match=r"trainable\['head'\] = .* matches no variable"):
         fit(module)
     module = make({"trainable": nnx.Param})
     with pytest.raises(
