@@ -155,7 +155,8 @@ class Carry(NamedTuple):
     rest: Any  # pure State of every other variable (BatchStat, RNG state, frozen params)
     opt: Any  # optax state
     # State step features keep across steps, next to the optimizer's: "ema" (the average of
-    # the params, ``averaging.py``), "spike" (SpikeGuard's ring buffer, ``spikes.py``).
+    # the params, ``averaging.py``), "spike" (SpikeGuard's ring buffer, ``spikes.py``),
+    # "opt_steps" (manual optimization: the nnx.Optimizers' step counts, ``manual_step.py``).
     extra: dict
     step: jax.Array | None  # int32 optimizer steps done; None unless a feature needs it
     # f32[n + 1]: running sums of the n per-step metrics (``Programs.metric_order``) over the
