@@ -38,8 +38,10 @@ _CURRENT: contextvars.ContextVar = contextvars.ContextVar("nnxfit_optimizers", d
 
 def optimizers_of(module: Any) -> Any:
     """``TrainModule.optimizers()``: see there."""
+    # Not checked against ``module``: inside nnx.value_and_grad the function sees a copy of
+    # it, whose optimizers() must answer the same.
     current = _CURRENT.get()
-    if current is None or current[0] is not module:
+    if current is None:
         manual = not getattr(module, "automatic_optimization", True)
         where = (
             "only inside training_step during a fit"
