@@ -33,6 +33,7 @@ from nnxfit.history import History
 from nnxfit.lr_finder import LRFindResult, LRFindWarning, lr_find
 from nnxfit.modes import FrozenStatsCheck, TrainModeWarning, eval_mode
 from nnxfit.module import TrainModule
+from nnxfit.optimizers import UntrainedParamsWarning
 from nnxfit.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ __all__ = [
     "TrainModule",
     "TrainModeWarning",
     "TrainingInterrupted",
+    "UntrainedParamsWarning",
     "WorkdirLockedError",
     "__version__",
     "enable_compilation_cache",

@@ -32,10 +32,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from nnxfit import averaging, bad_runs, spikes
+from nnxfit import averaging, bad_runs, optimizers, spikes
 from nnxfit.errors import ConfigError
 from nnxfit.hyperparams import learning_rate_source
 from nnxfit.module_leaves import live_leaves
@@ -116,11 +115,14 @@ class FitCarry:
         """The carry of a fit of ``module`` with the Trainer's ``config`` (``TrainerConfig``),
         the step ``features`` the callbacks ask for, the train batches' ``spec``
         (``data.BatchSpec``) and first batch, on ``placement``."""
-        tx, lr_fn = optimizer_of(module)
+        opts = optimizers.parse(module)
+        optimizers.check_config(opts, config)
+        tx, trainable = opts.tx(), opts.trainable
+        lr_fn = None if opts.several else opts.lr_fns[""]
         module.eval()
         eval_def = nnx.graphdef(module)
         module.train()
-        train_def, params_v, rest_v = nnx.split(module, module.trainable, ...)
+        train_def, params_v, rest_v = nnx.split(module, trainable, ...)
         if not jax.tree.leaves(params_v):
             raise ConfigError(
                 f"{type(module).__name__}.trainable = {module.trainable!r} matches no variable; "
@@ -132,8 +134,15 @@ class FitCarry:
         params = placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(params_v)), params_v)
         rest = placement.put_state(jax.tree.map(jnp.copy, nnx.as_pure(rest_v)), rest_v)
         opt = placement.init_optimizer(tx, params)  # mirrors the params' shardings
-        if features.lr and learning_rate_source(tx, opt, lr_fn) is None:
+        # Several optimizers or manual optimization: the step takes ``spec``; else it runs
+        # the single optimizer's programs as they always were.
+        step_spec = opts if opts.several or opts.manual else None
+        if features.lr and learning_rate_source(tx, opt, lr_fn) is None and step_spec is None:
             features = features.without("lr")  # nothing to log (LearningRateMonitor warns)
+        rates = optimizers.readable_rates(opts, opt) if step_spec is not None else []
+        if features.lr and step_spec is not None and not rates:
+            features = features.without("lr")
+        features = optimizers.check_features(opts, features)
         state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, rest, opt)))
         speculate = should_speculate(
             features, state_bytes, placement.is_sharded, config.val_every_n_steps
@@ -141,7 +150,7 @@ class FitCarry:
         A = config.grad_accum_steps
         step_config = StepConfig(
             A, config.grad_clip_norm, config.precision, features, lr_fn, speculate,
-            config.scan_unroll,
+            config.scan_unroll, step_spec,
         )  # fmt: skip
         # The device counts steps only for features that need the count in the step.
         needs_step = features.finite or (features.lr and lr_fn is not None)
@@ -162,9 +171,13 @@ class FitCarry:
                 health.update(bad_runs.init_health("spike"))
         if features.rollback_after is not None:
             health.update(bad_runs.init_health("nonfinite"))
+        if opts.manual:
+            extra["opt_steps"] = optimizers.opt_steps_init(opts)
         last = {"lr": jnp.zeros((), jnp.float32)} if features.lr else {}
+        if features.lr and step_spec is not None:
+            last = {opts.log_name("lr", k): jnp.zeros((), jnp.float32) for k in rates}
         names = metric_names(
-            train_def, module.trainable, step_config, spec.treedef, params, rest,
+            train_def, trainable, step_config, spec.treedef, params, rest,
             jax.tree.leaves(first_batch),
         )  # fmt: skip
         step = jnp.zeros((), jnp.int32) if needs_step else None
@@ -174,7 +187,7 @@ class FitCarry:
         programs = Programs(
             train_def=train_def,
             eval_def=eval_def,
-            trainable=module.trainable,
+            trainable=trainable,
             tx=tx,
             config=step_config,
             treedef=jax.tree.structure(carry),
@@ -328,25 +341,6 @@ class FitCarry:
         if len(leaves) != len(self.leaves):
             raise ConfigError("restored state has a different number of arrays than the fit.")
         self.leaves = leaves
-
-
-def optimizer_of(module) -> tuple[optax.GradientTransformation, Any]:
-    """``configure_optimizers()`` as ``(tx, lr_schedule or None)``."""
-    out = module.configure_optimizers()
-    lr_fn = None
-    if isinstance(out, dict):
-        tx = out.get("optimizer")
-        lr = out.get("lr_schedule")
-        lr_fn = lr if callable(lr) or lr is None else (lambda step, lr=lr: lr)
-    else:
-        tx = out
-    if not isinstance(tx, optax.GradientTransformation):
-        raise TypeError(
-            f"{type(module).__name__}.configure_optimizers returned {type(tx).__name__}; it must "
-            "return an optax.GradientTransformation (e.g. optax.adamw(1e-3)) or "
-            "{'optimizer': tx, 'lr_schedule': schedule}."
-        )
-    return tx, lr_fn
 
 
 def wait_ready(arrays: list) -> None:

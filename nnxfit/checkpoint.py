@@ -620,6 +620,8 @@ def load_checkpoint(
     if step is None and not steps:
         raise CheckpointError(f"no complete checkpoint in {directory}.")
     trainable = getattr(module, "trainable", nnx.Param)
+    if isinstance(trainable, dict):  # several optimizers: the union of their filters
+        trainable = nnx.Any(*trainable.values())
     _, params_v, rest_v = nnx.split(module, trainable, ...)
     variables = live_leaves(module, params_v, rest_v)  # plain array attributes too
     tree = _Tree("module", {"params": nnx.as_pure(params_v), "rest": nnx.as_pure(rest_v)})

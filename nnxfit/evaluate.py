@@ -25,6 +25,7 @@ from flax import nnx
 from nnxfit.carry import wait_ready
 from nnxfit.data import BatchSpec, epoch_batches
 from nnxfit.errors import EmptyDataError
+from nnxfit.optimizers import trainable_filter
 from nnxfit.pacing import DeviceQueue
 from nnxfit.step import Programs
 
@@ -79,7 +80,8 @@ class EvalPrograms:
         """``(programs, module leaves)`` for ``module`` as it is now."""
         was_training = is_training(module)
         module.eval()
-        eval_def, params, rest = nnx.split(module, module.trainable, ...)
+        trainable = trainable_filter(module)
+        eval_def, params, rest = nnx.split(module, trainable, ...)
         if was_training:
             module.train()
         params = placement.put_state(nnx.as_pure(params), params)
@@ -88,7 +90,7 @@ class EvalPrograms:
         key = (eval_def, params_def, rest_def)
         programs = self._cache.get(key)
         if programs is None:
-            programs = Programs.for_eval(eval_def, module.trainable, params_def, rest_def)
+            programs = Programs.for_eval(eval_def, trainable, params_def, rest_def)
             self._cache[key] = programs
         return programs, jax.tree.leaves(params) + jax.tree.leaves(rest)
 

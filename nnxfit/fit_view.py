@@ -63,7 +63,8 @@ class FitView:
         if self._carry is None:
             return []
         names, features = list(self.programs.metric_order), self.programs.config.features
-        names += ["lr"] * features.lr + ["nonfinite_steps"] * features.finite
+        names += list(self._carry.last)  # lr (lr_<name> with several optimizers)
+        names += ["nonfinite_steps"] * features.finite
         return names + ["spike_steps"] * (features.spike is not None)
 
     @property
@@ -119,8 +120,9 @@ class FitView:
 
         Any hyperparameter ``optax.inject_hyperparams`` keeps in the optimizer state; the
         learning rate (``"learning_rate"`` or ``"lr"``) also from a ``lr_schedule`` or from
-        optax's own optimizers (``nnxfit.hyperparams``). A ``ConfigError`` names the fix when
-        it cannot be read. One device sync."""
+        optax's own optimizers (``nnxfit.hyperparams``). With several optimizers,
+        ``optimizer`` names one. A ``ConfigError`` names the fix when it cannot be read. One
+        device sync."""
         return hyperparams.get_hyperparameter(self, name, optimizer)
 
     def set_hyperparameter(self, name: str, value: Any, optimizer: str | None = None) -> None:
@@ -130,7 +132,8 @@ class FitView:
 
         Call it from a callback's hook (one in step with the device: any callback that is
         not ``records_only``). A ``ConfigError`` names the fix when the optimizer does not
-        keep ``name`` in its state, or a schedule sets it every step."""
+        keep ``name`` in its state, or a schedule sets it every step. With several
+        optimizers, ``optimizer`` names the one to change."""
         hyperparams.set_hyperparameter(self, name, value, optimizer)
 
     def eval_mode(self, module):

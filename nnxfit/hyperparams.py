@@ -293,23 +293,43 @@ def host_value(x: Any) -> Any:
 def fit_optimizer(trainer, optimizer: str | None = None) -> tuple:
     """``(tx, opt_state, lr_schedule, step, owner)`` of the trainer's current (or last) fit.
 
-    ``optimizer`` names one of several optimizers; a fit has one for now, so it must be
-    ``None``."""
+    ``optimizer`` names one of several optimizers (``configure_optimizers`` returned a dict
+    of them); with one optimizer it must be ``None``."""
     programs = trainer.programs
     if programs is None or programs.tx is None:
         raise ConfigError(
             "the trainer has no optimizer yet: hyperparameters are read and set during fit "
             "(from a callback's hook) or after it."
         )
-    if optimizer is not None:
-        raise ConfigError(
-            f"optimizer={optimizer!r}, but this fit has one optimizer (configure_optimizers "
-            "returned a single optax.GradientTransformation); leave optimizer out."
-        )
+    spec = programs.config.optimizers
+    names = list(spec.names) if spec is not None else []
     module = getattr(trainer, "module", None)
     owner = type(module).__name__ if module is not None else "the module"
     step = max(trainer.global_step - 1, 0)  # steps before the latest update
-    return programs.tx, trainer.train_state()["opt"], programs.config.lr_fn, step, owner
+    opt = trainer.train_state()["opt"]
+    if not names:
+        if optimizer is not None:
+            raise ConfigError(
+                f"optimizer={optimizer!r}, but this fit has one optimizer (configure_optimizers "
+                "returned a single optax.GradientTransformation); leave optimizer out."
+            )
+        tx = programs.tx if spec is None else spec.txs[""]
+        lr_fn = programs.config.lr_fn if spec is None else spec.lr_fns[""]
+        return tx, opt, lr_fn, step, owner
+    if optimizer not in names:
+        got = "no optimizer=" if optimizer is None else f"optimizer={optimizer!r}"
+        raise ConfigError(
+            f"{owner} has the optimizers {names}; name one with optimizer=<name> (got {got})."
+        )
+    owner = f"{owner}[{optimizer!r}]"
+    return spec.txs[optimizer], opt[optimizer], spec.lr_fns[optimizer], step, owner
+
+
+def optimizer_names(trainer) -> list[str]:
+    """The names of the fit's several optimizers; empty with one."""
+    programs = trainer.programs
+    spec = programs.config.optimizers if programs is not None else None
+    return list(spec.names) if spec is not None else []
 
 
 def get_hyperparameter(trainer, name: str, optimizer: str | None = None) -> Any:
@@ -344,7 +364,8 @@ def set_hyperparameter(trainer, name: str, value: Any, optimizer: str | None = N
         )
     _, opt, _, _, owner = fit_optimizer(trainer, optimizer)
     state = trainer.train_state()
-    state["opt"] = set_in_state(opt, name, value, owner)
+    new = set_in_state(opt, name, value, owner)
+    state["opt"] = new if optimizer is None else {**state["opt"], optimizer: new}
     trainer.load_train_state(state)
 
 

@@ -75,6 +75,7 @@ from nnxfit.hyperparams import (
     learning_rate_source,
 )
 from nnxfit.module import TrainModule
+from nnxfit.optimizers import parse_output
 from nnxfit.trainer import Trainer
 from nnxfit.warn import warn
 
@@ -256,27 +257,19 @@ _RANGE_CLASSES: dict[type, type] = {}
 
 def _split_optimizers(module: Any, out: Any) -> tuple[Any, Any]:
     """``(tx, lr_schedule)`` from what ``configure_optimizers`` returned, as the Trainer
-    reads it."""
+    reads it (``optimizers.parse_output``)."""
     name = type(module).__name__
-    lr_fn = None
-    if isinstance(out, dict):
-        if "optimizer" not in out:
-            raise ConfigError(
-                f"{name}.configure_optimizers returned a dict with keys {sorted(map(str, out))}; "
-                "lr_find drives one optimizer, returned as an optax.GradientTransformation or "
-                "{'optimizer': tx, 'lr_schedule': schedule}."
-            )
-        tx, lr = out["optimizer"], out.get("lr_schedule")
-        lr_fn = lr if callable(lr) or lr is None else (lambda step, lr=lr: lr)
-    else:
-        tx = out
-    if not isinstance(tx, optax.GradientTransformation):
+    try:
+        txs, lr_fns, names = parse_output(name, out)
+    except TypeError as e:
+        raise ConfigError(f"{e} lr_find needs one such optimizer.") from None
+    if names:
         raise ConfigError(
-            f"{name}.configure_optimizers returned {type(tx).__name__}; lr_find needs an "
-            "optax.GradientTransformation (e.g. optax.adamw(1e-3)) or "
+            f"{name}.configure_optimizers returned the optimizers {list(names)}; lr_find drives "
+            "one optimizer, returned as an optax.GradientTransformation or "
             "{'optimizer': tx, 'lr_schedule': schedule}."
         )
-    return tx, lr_fn
+    return txs[""], lr_fns[""]
 
 
 def _range_class(cls: type) -> type:

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from nnxfit.callbacks.base import Callback
+from nnxfit.optimizers import trainable_filter
 from nnxfit.warn import warn
 
 MODE_FLAGS = ("deterministic", "use_running_average")  # what Module.train()/eval() set
@@ -81,7 +82,7 @@ class FrozenStatsCheck(Callback):
 
     def on_fit_start(self, trainer, module) -> None:
         self.warned, self._mask, self._start = False, None, None
-        _, _, rest = nnx.split(module, module.trainable, ...)
+        _, _, rest = nnx.split(module, trainable_filter(module), ...)
         leaves = jax.tree.leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable))
         mask = [isinstance(v, nnx.BatchStat) for v in leaves]
         if any(mask):

@@ -25,9 +25,16 @@ class TrainModule(nnx.Module):
     update in train mode). ``trainable`` is the ``nnx`` filter of what the optimizer updates;
     everything else (frozen params, batch statistics, RNG state) is carried but never
     touched by it.
+
+    Several optimizers: ``configure_optimizers`` returns ``{name: tx}`` and ``trainable`` is
+    ``{name: filter}`` (disjoint filters); ``training_step`` returns ``{name: loss}`` and each
+    optimizer steps on its own loss's gradient. With ``automatic_optimization = False``,
+    ``training_step`` updates the module itself through ``self.optimizers()``.
     """
 
     trainable: Any = nnx.Param
+    # False: training_step updates the module itself with ``self.optimizers()``.
+    automatic_optimization: bool = True
 
     @property
     def hparams(self) -> HParams:
@@ -128,6 +135,27 @@ class TrainModule(nnx.Module):
 
     def configure_callbacks(self) -> list:
         return []
+
+    def optimizers(self):
+        """With ``automatic_optimization = False``, inside ``training_step``: the fit's
+        ``nnx.Optimizer``s, made from ``configure_optimizers`` (a dict by name when it
+        returned several, else the one) and holding their current state. Compute gradients
+        with ``nnx.value_and_grad(f, argnums=nnx.DiffState(0, filter))`` (``filter`` the
+        optimizer's entry of ``trainable``) and apply them with ``opt.update(self, grads)``,
+        on any optimizer, as often and in any order::
+
+            def training_step(self, batch):
+                opt = self.optimizers()
+                loss_d, g = nnx.value_and_grad(d_loss, argnums=nnx.DiffState(0, D))(self, batch)
+                opt["disc"].update(self, g)
+                loss_g, g = nnx.value_and_grad(g_loss, argnums=nnx.DiffState(0, G))(self, batch)
+                opt["gen"].update(self, g)
+                return loss_d + loss_g, {"loss_d": loss_d, "loss_g": loss_g}
+
+        Anywhere else, a ``ConfigError``."""
+        from nnxfit.manual_step import optimizers_of
+
+        return optimizers_of(self)
 
 
 def has_validation_step(module: TrainModule) -> bool:

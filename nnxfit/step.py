@@ -21,10 +21,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxfit import averaging, bad_runs, loop_convs, spikes
+from nnxfit import averaging, bad_runs, loop_convs, manual_step, spikes
 from nnxfit.errors import ConfigError, StepOutputError
 from nnxfit.eval_accum import EvalSpec, accumulate, split_outputs
 from nnxfit.hyperparams import learning_rate_of
+from nnxfit.optimizers import clip_and_norms, learning_rates, named_value_and_grad
 
 FEATURES = frozenset(
     {"grad_norm", "module_grad_norms", "finite", "skip_nonfinite", "halt_on_nonfinite", "lr"}
@@ -160,7 +161,8 @@ class Carry(NamedTuple):
     rest: Any  # pure State of every other variable (BatchStat, RNG state, frozen params)
     opt: Any  # optax state
     # State step features keep across steps, next to the optimizer's: "ema" (the average of
-    # the params, ``averaging.py``), "spike" (SpikeGuard's ring buffer, ``spikes.py``).
+    # the params, ``averaging.py``), "spike" (SpikeGuard's ring buffer, ``spikes.py``),
+    # "opt_steps" (manual optimization: the nnx.Optimizers' step counts, ``manual_step.py``).
     extra: dict
     step: jax.Array | None  # int32 optimizer steps done; None unless a feature needs it
     # f32[n + 1]: running sums of the n per-step metrics (``Programs.metric_order``) over the
@@ -187,6 +189,9 @@ class StepConfig:
     # ``unroll`` of the K-step ``lax.scan`` (``Trainer(scan_unroll=...)``): n steps per loop
     # iteration, or True for no loop at all.
     scan_unroll: int | bool = 1
+    # Several optimizers or manual optimization (``optimizers.OptimizerSpec``); None for the
+    # single automatic optimizer, whose programs stay as they were.
+    optimizers: Any = None
 
 
 RETURN_FORMS = (
@@ -237,6 +242,35 @@ def split_loss(out: Any) -> tuple[jax.Array, dict]:
     return loss, check_metrics(metrics, "training_step")
 
 
+def split_named_losses(out: Any, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """``training_step``'s ``{name: loss}`` or ``({name: loss}, metrics)`` with several
+    optimizers, as ``(losses, metrics)``."""
+    losses, metrics = out, {}
+    if isinstance(out, tuple | list) and len(out) == 2:
+        losses, metrics = out
+    if not isinstance(losses, dict) or set(losses) != set(names):
+        if isinstance(losses, dict):
+            got = f"a dict with keys {sorted(map(str, losses))}"
+        elif hasattr(losses, "shape"):
+            got = f"one array of shape {tuple(losses.shape)}"
+        else:
+            got = f"a {type(losses).__name__}"
+        raise StepOutputError(
+            f"training_step must return one loss per optimizer {list(names)}: {{name: loss}} "
+            f"or ({{name: loss}}, metrics); it returned {got}."
+        )
+    out_losses = {}
+    for n in names:
+        loss = jnp.asarray(losses[n])
+        if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+            raise StepOutputError(
+                f"training_step's loss {n!r} has shape {loss.shape} and dtype {loss.dtype}; "
+                "each loss must be a float scalar (reduce it, e.g. loss.mean())."
+            )
+        out_losses[n] = loss
+    return out_losses, check_metrics(metrics, "training_step")
+
+
 def check_metrics(metrics: Any, where: str) -> dict:
     if not isinstance(metrics, dict):
         raise StepOutputError(
@@ -268,14 +302,19 @@ def _cast_like(tree: Any, like: Any) -> Any:
     )
 
 
+# What manual_step.py needs of this module's output checks (passed, not imported: this
+# module calls it).
+OUTPUTS = manual_step.Outputs(split_loss=split_loss, cast_like=_cast_like)
+
 # Leaves up to this many elements are joined for the global gradient norm (one copy of them
 # per step; larger leaves get a dot product each, whose overhead is small next to their size).
 SMALL_LEAF = 1 << 16
 
 
-def loss_fn(train_def, trainable, batch_def, precision: str, params, rest, batch):
+def loss_fn(train_def, trainable, batch_def, precision: str, params, rest, batch, names=()):
     """``training_step``'s loss on ``batch`` (leaves of a ``batch_def`` tree) with the module
-    merged from ``params`` and ``rest``; returns ``(loss, (metrics, new rest))``."""
+    merged from ``params`` and ``rest``; returns ``(loss, (metrics, new rest))``. With the
+    ``names`` of several optimizers, the loss is ``{name: loss}``."""
     low = precision == "bfloat16"
     batch = jax.tree.unflatten(batch_def, batch)
     if low:
@@ -285,16 +324,22 @@ def loss_fn(train_def, trainable, batch_def, precision: str, params, rest, batch
         params = _cast_floats(params, jnp.bfloat16)
         batch = _cast_floats(batch, jnp.bfloat16)
     module = nnx.merge(train_def, params, rest)
-    loss, metrics = split_loss(module.training_step(batch))
+    if names:
+        loss, metrics = split_named_losses(module.training_step(batch), names)
+        loss = {k: v.astype(jnp.float32) for k, v in loss.items()}
+    else:
+        loss, metrics = split_loss(module.training_step(batch))
+        loss = loss.astype(jnp.float32)
     _, _, new_rest = nnx.split(module, trainable, ...)
     new_rest = _cast_like(nnx.as_pure(new_rest), rest)
-    return loss.astype(jnp.float32), (metrics, new_rest)
+    return loss, (metrics, new_rest)
 
 
-def grads(loss, grad_accum_steps: int, params, rest, batch):
+def grads(loss, grad_accum_steps: int, params, rest, batch, vg=None):
     """Loss, metrics, new rest and gradients of one optimizer step (micro-batches summed);
-    ``loss(params, rest, batch)`` as ``loss_fn``."""
-    vg = jax.value_and_grad(loss, has_aux=True)
+    ``loss(params, rest, batch)`` as ``loss_fn``; ``vg`` its value-and-gradient function
+    (default ``jax.value_and_grad``; several optimizers: ``optimizers.named_value_and_grad``)."""
+    vg = vg or jax.value_and_grad(loss, has_aux=True)
     if grad_accum_steps == 1:
         (value, (metrics, rest)), g = vg(params, rest, batch)
         return value, metrics, rest, g
@@ -314,17 +359,36 @@ def grads(loss, grad_accum_steps: int, params, rest, batch):
 def metric_names(train_def, trainable, config: StepConfig, batch_def, params, rest, batch):
     """Names the train step logs, in order: ``loss``, ``training_step``'s metrics (found by
     tracing on shapes, never by running it), then the step features' gradient norms.
-    ``params``, ``rest`` and ``batch`` (leaves) may be arrays or shapes."""
-    loss = functools.partial(loss_fn, train_def, trainable, batch_def, config.precision)
+    ``params``, ``rest`` and ``batch`` (leaves) may be arrays or shapes. With several
+    optimizers: ``loss_<name>`` after ``loss``, ``grad_norm_<name>`` after ``grad_norm``."""
+    spec = config.optimizers
     b = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in batch]
+    if spec is not None and spec.manual:
+        out = jax.eval_shape(
+            lambda p, r, x: manual_step.metric_shapes(
+                train_def, trainable, batch_def, spec, p, r, x, OUTPUTS
+            ),
+            params,
+            rest,
+            b,
+        )
+        return list(dict.fromkeys(["loss", *out]))
+    several = spec is not None and spec.several
+    loss = functools.partial(
+        loss_fn, train_def, trainable, batch_def, config.precision,
+        names=spec.names if several else (),
+    )  # fmt: skip
+    vg = named_value_and_grad(loss, spec) if several else None
     if config.grad_accum_steps > 1:
         b = [jax.ShapeDtypeStruct((1, *s.shape), s.dtype) for s in b]
     out = jax.eval_shape(
-        lambda p, r, x: grads(loss, config.grad_accum_steps, p, r, x)[1], params, rest, b
+        lambda p, r, x: grads(loss, config.grad_accum_steps, p, r, x, vg)[1], params, rest, b
     )
     names = ["loss", *out]
     if config.features.grad_norm:
         names.append("grad_norm")
+        if several:
+            names += [f"grad_norm_{n}" for n in spec.names]
     if config.features.module_grad_norms:
         names += [f"grad_norm/{k}" for k in params]
     return list(dict.fromkeys(names))
@@ -424,6 +488,7 @@ class Programs:
 
     # -- train ---------------------------------------------------------------------------
     def loss_fn(self, params, rest, batch):
+        spec = self.config.optimizers
         return loss_fn(
             self.train_def,
             self.trainable,
@@ -432,11 +497,14 @@ class Programs:
             params,
             rest,
             batch,
+            names=spec.names if spec is not None else (),
         )
 
     def grads(self, params, rest, batch):
         """Loss, metrics, new rest and gradients of one optimizer step (micro-batches summed)."""
-        return grads(self.loss_fn, self.config.grad_accum_steps, params, rest, batch)
+        spec = self.config.optimizers
+        vg = named_value_and_grad(self.loss_fn, spec) if spec is not None and spec.several else None
+        return grads(self.loss_fn, self.config.grad_accum_steps, params, rest, batch, vg)
 
     def global_norm(self, tree) -> jax.Array:
         """The L2 norm of all leaves. Small leaves go into one vector and one dot product: on
@@ -458,34 +526,58 @@ class Programs:
 
     def one_step(self, c: Carry, batch, gate: str | None = "cond") -> Carry:
         cfg, feats = self.config, self.config.features
-        loss, metrics, rest, g = self.grads(c.params, c.rest, batch)
-        step_logs = {"loss": loss, **metrics}
+        spec = cfg.optimizers
         spike_spec = feats.spike
-        need_norm = cfg.grad_clip_norm is not None or feats.grad_norm or feats.finite
-        need_norm = need_norm or (spike_spec is not None and spike_spec.monitor == "grad_norm")
-        gnorm = self.global_norm(g) if need_norm else None
-        if cfg.grad_clip_norm is not None:
-            scale = jnp.minimum(1.0, cfg.grad_clip_norm / (gnorm + 1e-12))
-            g = jax.tree.map(lambda x: x * scale.astype(x.dtype), g)
-        if feats.grad_norm:
-            step_logs["grad_norm"] = gnorm
-        if feats.module_grad_norms and isinstance(g, nnx.State):
-            for name in g:
-                step_logs[f"grad_norm/{name}"] = self.global_norm(g[name])
+        if spec is not None and spec.manual:
+            # training_step updated the module itself: the gate keeps or drops its result.
+            loss, metrics, new = manual_step.run(self, c, batch, OUTPUTS)
+            step_logs, gnorm, rest = {"loss": loss, **metrics}, None, new[2]
+            new_finite = manual_step.all_finite(new[0]) if feats.finite else None
 
-        def update(t):
-            params, opt, _, new_rest, extra = t
-            updates, opt = self.tx.update(g, opt, params)
-            params = optax.apply_updates(params, updates)
-            if feats.ema_decay is not None:  # after the optimizer step, in the same gate
-                extra = {**extra, "ema": averaging.update(extra["ema"], params, feats.ema_decay)}
-            return params, opt, new_rest, extra
+            def update(t):
+                params, opt, new_rest, extra = new
+                if feats.ema_decay is not None:
+                    ema = averaging.update(t[4]["ema"], params, feats.ema_decay)
+                    extra = {**extra, "ema": ema}
+                return params, opt, new_rest, extra
+
+        else:
+            loss, metrics, rest, g = self.grads(c.params, c.rest, batch)
+            step_logs = {"loss": loss, **metrics}
+            need_norm = cfg.grad_clip_norm is not None or feats.grad_norm or feats.finite
+            need_norm = need_norm or (spike_spec is not None and spike_spec.monitor == "grad_norm")
+            several = spec is not None and spec.several
+            if several and need_norm:  # each optimizer's gradient clipped by its own norm
+                gnorm, g, norms = clip_and_norms(spec, self.global_norm, g, cfg.grad_clip_norm)
+                if feats.grad_norm:
+                    step_logs.update({f"grad_norm_{n}": v for n, v in norms.items()})
+            else:
+                gnorm = self.global_norm(g) if need_norm else None
+                if cfg.grad_clip_norm is not None:
+                    scale = jnp.minimum(1.0, cfg.grad_clip_norm / (gnorm + 1e-12))
+                    g = jax.tree.map(lambda x: x * scale.astype(x.dtype), g)
+            if feats.grad_norm:
+                step_logs["grad_norm"] = gnorm
+            if feats.module_grad_norms and isinstance(g, nnx.State):
+                for name in g:
+                    step_logs[f"grad_norm/{name}"] = self.global_norm(g[name])
+            new_finite = None  # the gradient norm's, below
+
+            def update(t):
+                params, opt, _, new_rest, extra = t
+                updates, opt = self.tx.update(g, opt, params)
+                params = optax.apply_updates(params, updates)
+                if feats.ema_decay is not None:  # after the optimizer step, in the same gate
+                    ema = averaging.update(extra["ema"], params, feats.ema_decay)
+                    extra = {**extra, "ema": ema}
+                return params, opt, new_rest, extra
 
         state = (c.params, c.opt, c.rest, rest, c.extra)
         ok = jnp.bool_(True)
         health = c.health
         if feats.finite:
-            finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            finite = jnp.isfinite(loss)
+            finite = finite & (jnp.isfinite(gnorm) if new_finite is None else new_finite)
             ok = finite
             if feats.halts:
                 ok = finite & (health["first_nonfinite_step"] < 0)
@@ -519,15 +611,19 @@ class Programs:
             if feats.rollback_after is not None:
                 k = feats.rollback_after
                 health = {**health, **bad_runs.count(health, "nonfinite", ~finite, c.step + 1, k)}
-        last = self._last(c.last, opt, c.step)
+        last = self._last(c.last, opt, c.step, extra)
         vals = jnp.stack([step_logs[k].astype(jnp.float32) for k in self.metric_order] + [1.0])
         acc = c.acc + jnp.where(ok, vals, 0.0)
         step = None if c.step is None else c.step + 1
         return Carry(params, rest, opt, extra, step, acc, last, health)
 
-    def _last(self, last: dict, opt: Any, step: jax.Array | None) -> dict:
+    def _last(self, last: dict, opt: Any, step: jax.Array | None, extra=None) -> dict:
         last = dict(last)
-        if self.config.features.lr:
+        spec = self.config.optimizers
+        if self.config.features.lr and spec is not None:
+            rates = learning_rates(spec, opt, step, extra)
+            last.update({k: v for k, v in rates.items() if k in last})
+        elif self.config.features.lr:
             # The updated state holds the lr this update used (the old one, the step before's).
             # lr is a feature only where the rate can be read (``carry.FitCarry.build``).
             lr = learning_rate_of(self.tx, opt, lr_schedule=self.config.lr_fn, step=step)
@@ -540,7 +636,7 @@ class Programs:
         and optimizer state from before it, step count, sums and health from after."""
         b = jax.tree.unflatten(self.treedef, before)
         a = jax.tree.unflatten(self.treedef, after)
-        last = self._last(b.last, b.opt, b.step)
+        last = self._last(b.last, b.opt, b.step, b.extra)
         return jax.tree.leaves(
             Carry(b.params, b.rest, b.opt, b.extra, a.step, a.acc, last, a.health)
         )

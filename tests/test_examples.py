@@ -1,7 +1,8 @@
 """Every example runs end to end in its fast mode (NNXFIT_FAST=1) and prints its result line.
 
 ``make test`` runs the examples whose paths nothing else covers end to end (the demo, the
-export read back without nnxfit, frozen layers, callbacks, data parallel, lr_find);
+export read back without nnxfit, frozen layers, callbacks, data parallel, lr_find, the GAN's
+manual optimization);
 ``make examples`` (``NNXFIT_ALL_EXAMPLES=1``) adds the slow ones (char_lm, vae, fsdp), whose
 features the unit tests cover, to keep ``make test`` well under 15 minutes on 2 cores.
 
@@ -32,6 +33,7 @@ NAMES = [
     "fsdp",
     "digits_f1_export",
     "lr_find",
+    "gan",
 ]
 SLOW = {"char_lm", "vae", "fsdp"}
 ALL = os.environ.get("NNXFIT_ALL_EXAMPLES") == "1"
@@ -149,3 +151,11 @@ def test_lr_find(runs):
     assert line.endswith("module untouched: True")
     png = cwd / "runs/lr_find/lr_find.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gan(runs):
+    line, _, cwd = check(runs, "gan")
+    assert re.search(r"loss_d=[0-9.]+ loss_g=[0-9.]+ after 8 steps", line)
+    pngs = sorted((cwd / "runs/gan").glob("samples_epoch_*.png"))
+    assert [p.name for p in pngs] == ["samples_epoch_001.png", "samples_epoch_002.png"]
+    assert pngs[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -33,8 +33,9 @@ def _bound(name: str, value: Any) -> float | None:
 
 
 class GradNormMonitor(Callback):
-    """Logs ``grad_norm`` (and ``grad_norm/<submodule>`` with ``per_module``); warns once per
-    episode when it leaves ``[min_norm, max_norm]``.
+    """Logs ``grad_norm`` (and ``grad_norm/<submodule>`` with ``per_module``; with several
+    optimizers also ``grad_norm_<name>``, each optimizer's own); warns once per episode when
+    it leaves ``[min_norm, max_norm]``.
 
     Args:
         min_norm: below this, gradients are vanishing (``None``: no lower bound).
@@ -78,13 +79,22 @@ class GradNormMonitor(Callback):
         self.warnings_issued: list[tuple[int, float]] = []
 
     def logged_metrics(self, trainer) -> list[str]:
-        names = ["grad_norm"]
+        if trainer.metric_names and "grad_norm" not in trainer.metric_names:
+            return []  # manual optimization: nothing to log (on_fit_start warned)
+        names = ["grad_norm", *(k for k in trainer.metric_names if k.startswith("grad_norm_"))]
         if self.per_module:
             names += [k for k in trainer.metric_names if k.startswith("grad_norm/")]
         return names
 
     def on_fit_start(self, trainer, module) -> None:
         self._reset(trainer.global_step)
+        if "grad_norm" not in trainer.metric_names:
+            warn(
+                f"GradNormMonitor: {type(module).__name__} sets automatic_optimization = False, "
+                "so its training_step applies gradients the Trainer never sees; no grad_norm "
+                "is logged. Log the norm from training_step (optax.tree.norm(grads)) instead.",
+                GradNormWarning,
+            )
 
     def on_train_batch_end(self, trainer, module, step, logs) -> None:
         if "grad_norm" in logs:

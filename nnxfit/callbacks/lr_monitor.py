@@ -1,4 +1,5 @@
-"""``LearningRateMonitor``: logs ``lr``, the learning rate the latest step used.
+"""``LearningRateMonitor``: logs ``lr``, the learning rate the latest step used (with several
+optimizers, ``lr_<name>`` for each).
 
 The step computes it, with no host sync, from the first source that has it
 (``nnxfit.hyperparams.learning_rate_of``):
@@ -20,7 +21,13 @@ start, logs no ``lr``, and the fit goes on: a monitor never ends a fit.
 from __future__ import annotations
 
 from nnxfit.callbacks.base import Callback
-from nnxfit.hyperparams import INJECT_FIX, describe_tx, fit_optimizer, learning_rate_source
+from nnxfit.hyperparams import (
+    INJECT_FIX,
+    describe_tx,
+    fit_optimizer,
+    learning_rate_source,
+    optimizer_names,
+)
 from nnxfit.warn import warn
 
 
@@ -35,13 +42,18 @@ class LearningRateMonitor(Callback):
     step_features = frozenset({"lr"})
 
     def on_fit_start(self, trainer, module) -> None:
-        tx, opt, lr_schedule, _, _ = fit_optimizer(trainer)
+        for name in optimizer_names(trainer) or [None]:
+            self._check(trainer, module, name)
+
+    def _check(self, trainer, module, name: str | None) -> None:
+        tx, opt, lr_schedule, _, _ = fit_optimizer(trainer, name)
         if learning_rate_source(tx, opt, lr_schedule) is not None:
             return
+        which, key = ("", "'lr'") if name is None else (f" {name!r}", f"'lr_{name}'")
         warn(
             f"LearningRateMonitor cannot read the learning rate of {type(module).__name__}'s "
-            f"optimizer {describe_tx(tx)}: the rate is hidden inside it. The fit goes on "
-            "without 'lr' in the logs. To log it, build the optimizer with "
+            f"optimizer{which} {describe_tx(tx)}: the rate is hidden inside it. The fit goes on "
+            f"without {key} in the logs. To log it, build the optimizer with "
             "optax.inject_hyperparams in configure_optimizers, "
             f"e.g. {INJECT_FIX.replace('1e-3', 'schedule')}, or return "
             "{'optimizer': tx, 'lr_schedule': schedule}.",

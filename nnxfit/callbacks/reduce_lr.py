@@ -25,7 +25,7 @@ from nnxfit.callbacks.base import Callback
 from nnxfit.callbacks.early_stopping import _count, _epochs, _number
 from nnxfit.callbacks.monitor import Monitor, announce
 from nnxfit.errors import ConfigError
-from nnxfit.hyperparams import fit_optimizer, settable_error
+from nnxfit.hyperparams import fit_optimizer, optimizer_names, settable_error
 
 
 class ReduceLROnPlateau(Callback):
@@ -46,6 +46,8 @@ class ReduceLROnPlateau(Callback):
         cooldown: epochs to wait after a reduction before counting again.
         min_lr: the rate never goes below this.
         verbose: print a line on each reduction.
+        optimizer: with several optimizers, the name of the one to reduce; ``None`` reduces
+            each of them (each from its own rate).
 
     ``lr`` (the rate of the epoch's last step) is logged at log steps and epoch ends.
     """
@@ -62,6 +64,7 @@ class ReduceLROnPlateau(Callback):
         cooldown: int = 0,
         min_lr: float = 0.0,
         verbose: bool = True,
+        optimizer: str | None = None,
     ):
         me = "ReduceLROnPlateau"
         self.monitor, self.mode = monitor, mode  # as given (Keras's attributes)
@@ -82,6 +85,7 @@ class ReduceLROnPlateau(Callback):
                 f"{min_delta!r}, min_lr={min_lr!r}."
             )
         self.verbose = bool(verbose)
+        self.optimizer = optimizer
         self._reset()
 
     @property
@@ -93,7 +97,8 @@ class ReduceLROnPlateau(Callback):
         self.best = self._m.worst
         self.wait = 0
         self.cooldown_counter = 0
-        self.reductions: list[tuple[int, float]] = []  # (epoch, new lr)
+        # (epoch, new lr), or (epoch, new lr, optimizer) with several optimizers
+        self.reductions: list[tuple] = []
 
     def in_cooldown(self) -> bool:
         return self.cooldown_counter > 0
@@ -101,10 +106,19 @@ class ReduceLROnPlateau(Callback):
     def on_fit_start(self, trainer, module) -> None:
         if getattr(trainer, "resumed_from", None) is None:
             self._reset()
-        _, opt, _, _, owner = fit_optimizer(trainer)
-        why = settable_error(opt, "learning_rate", owner)
-        if why is not None:
-            raise ConfigError(f"ReduceLROnPlateau sets the learning rate during the fit: {why}")
+        names = optimizer_names(trainer)
+        if self.optimizer is not None and self.optimizer not in names:
+            have = f"the optimizers {names}" if names else "one optimizer"
+            raise ConfigError(
+                f"ReduceLROnPlateau(optimizer={self.optimizer!r}), but the fit has {have}; "
+                f"pass {'one of those names' if names else 'optimizer=None'}."
+            )
+        self._targets = [self.optimizer] if self.optimizer is not None else names or [None]
+        for name in self._targets:
+            _, opt, _, _, owner = fit_optimizer(trainer, name)
+            why = settable_error(opt, "learning_rate", owner)
+            if why is not None:
+                raise ConfigError(f"ReduceLROnPlateau sets the learning rate during the fit: {why}")
         self._m.check_fit(trainer)
 
     def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
@@ -126,18 +140,26 @@ class ReduceLROnPlateau(Callback):
             self.wait = 0
 
     def _reduce(self, trainer, epoch: int) -> bool:
-        """Lowers the rate unless it is at ``min_lr`` already (then False)."""
-        old = trainer.get_hyperparameter("learning_rate")
+        """Lowers the rate of each target optimizer unless it is at ``min_lr`` already;
+        False when none was lowered."""
+        done = False
+        for name in self._targets:
+            done = self._reduce_one(trainer, epoch, name) or done
+        return done
+
+    def _reduce_one(self, trainer, epoch: int, name: str | None) -> bool:
+        old = trainer.get_hyperparameter("learning_rate", optimizer=name)
         if np.float32(old) <= np.float32(self.min_lr):
             return False
         lr = max(old * self.factor, self.min_lr)
-        trainer.set_hyperparameter("learning_rate", lr)
-        self.reductions.append((epoch, lr))
+        trainer.set_hyperparameter("learning_rate", lr, optimizer=name)
+        self.reductions.append((epoch, lr) if name is None else (epoch, lr, name))
         if self.verbose:
+            which = "learning rate" if name is None else f"learning rate of {name!r}"
             announce(
                 trainer,
                 f"ReduceLROnPlateau: {self.monitor} has not improved for {_epochs(self.wait)} "
-                f"(best {self.best:.6g}); learning rate {old:.4g} -> {lr:.4g} from "
+                f"(best {self.best:.6g}); {which} {old:.4g} -> {lr:.4g} from "
                 f"epoch {epoch + 2}.",
             )
         return True
@@ -154,7 +176,9 @@ class ReduceLROnPlateau(Callback):
         self.best = float(state.get("best", self._m.worst))
         self.wait = int(state.get("wait", 0))
         self.cooldown_counter = int(state.get("cooldown_counter", 0))
-        self.reductions = [(int(e), float(v)) for e, v in state.get("reductions", [])]
+        self.reductions = [
+            (int(r[0]), float(r[1]), *map(str, r[2:])) for r in state.get("reductions", [])
+        ]
 
     def __repr__(self) -> str:
         return (
