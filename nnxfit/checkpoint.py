@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnxfit import integrity, orbax_leaks, orbax_loops
+from nnxfit import integrity, multihost, orbax_leaks, orbax_loops
 from nnxfit.config import EXACTNESS_OPTIONS, trainer_options  # noqa: F401 (re-exported)
 from nnxfit.errors import CheckpointError, ConfigError
 from nnxfit.hparams import of as hparams_of
@@ -156,6 +156,7 @@ def open_manager(
         cleanup_tmp_directories=True,
         preservation_policy=keep,
         async_options=ocp.AsyncOptions(post_finalization_callback=on_commit),
+        multiprocessing_options=multihost.orbax_options(),
         **best,
     )
     return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers(compress))

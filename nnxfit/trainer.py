@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnxfit import evaluate, interrupt, loop
+from nnxfit import evaluate, interrupt, loop, multihost
 from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
 from nnxfit.callbacks.defaults import default_callbacks, module_callbacks
 from nnxfit.callbacks.merge import merge_callbacks
@@ -212,6 +212,7 @@ class Trainer(FitView, FitState, EvalAPI):
         if self.overfit_batches:  # the same first N batches every epoch, validated on too
             train_data = take_batches(train_data, self.overfit_batches)
             val_data = train_data if has_validation_step(module) else None
+        multihost.check_batch_counts(train_data, val_data)  # several processes: equal counts
         user = self.callbacks
         # A module's callback replaces the Trainer's of its type (Lightning's rule).
         self.cb = CallbackList(
@@ -292,7 +293,7 @@ class Trainer(FitView, FitState, EvalAPI):
             self.data_wait_seconds += seconds
             device.poll(t0, seconds, sent.epoch, sent.step, carry.leaves[-1])
 
-        while not schedule.done(sent, self.should_stop) and signals.received is None:
+        while not schedule.done(sent, self.should_stop) and not signals.halts(sent.step):
             epoch, stopped = sent.epoch, False
             start = barrier("on_train_epoch_start", "epoch_start")
             yield new_event((START, epoch, 0, 0, None, start, None, False))
@@ -303,7 +304,7 @@ class Trainer(FitView, FitState, EvalAPI):
                     n_steps = call.n_steps
                     # From here this call counts in the step a signal says the fit stops after.
                     signals.sending = sent.step + n_steps
-                    if signals.received is not None and sent.step >= signals.stop_step:
+                    if signals.halts(sent.step):
                         break  # the signal came before: the call stays unsent
                     carry.run(call)  # donated, asynchronous
                     speculation.record(call)
@@ -313,7 +314,7 @@ class Trainer(FitView, FitState, EvalAPI):
                     sync = barrier("on_train_batch_end", "batch", n_steps)
                     mark = speculation.take_mark()
                     yield new_event((CALL, epoch, n_steps, call.n_batches, snap, sync, mark, False))
-                    if signals.received is not None:
+                    if signals.halts(sent.step):
                         break
                     if self.should_stop or schedule.steps_done(sent.step):
                         stopped = True
@@ -321,7 +322,8 @@ class Trainer(FitView, FitState, EvalAPI):
                 else:
                     if sent.batch == 0 and signals.received is None:
                         raise EmptyDataError(f"train data yielded no batch in epoch {epoch}.")
-            if signals.received is not None:
+            signals.epochs = epoch + 1  # a signal from here on stops after this epoch end
+            if signals.halts(sent.step, epoch):
                 break
             # Validation and the last epoch end wait for every hook before anything else runs.
             sync = schedule.validates or schedule.done(sent, self.should_stop, after_epoch=True)
@@ -511,7 +513,7 @@ class Trainer(FitView, FitState, EvalAPI):
             self._carry.to_module(allow_deleted)
 
     def _stop_if_signalled(self) -> None:
-        if self._signals.received is not None:
+        if self._signals.cuts_validation():
             self._interrupt()
 
     def _interrupt(self) -> None:
