@@ -352,6 +352,10 @@ def save_state(
     manifest under the same id)."""
     ocp = _ocp()
     state, loop = trainer.checkpoint_state()  # the resume point (resume_point.py)
+    if multihost.active() and not weights_only:
+        # Only process 0 writes the meta item; a loader sharded by process (grain) has a
+        # state of its own on each.
+        loop = {**loop, "loader_by_process": multihost.gathered("loader-state", loop["loader"])}
     module, train = _split_train_state(state)
     metrics = {k: _json_float(v) for k, v in (metrics or {}).items()}
     meta = {
@@ -510,8 +514,29 @@ def restore_and_verify(trainer, directory: str, step: int) -> tuple[dict, bool]:
         reader.close()
     state = {**module.treedef.unflatten(out["module"]), **train.treedef.unflatten(out["train"])}
     trainer.load_train_state(state)
-    trainer.load_loop_state(meta["loop"])
+    trainer.load_loop_state(_this_process_loop(meta["loop"], where))
     return meta, verified
+
+
+def _this_process_loop(loop: dict, where: str) -> dict:
+    """The loop state with this process's own loader state, when several processes saved
+    theirs (``loader_by_process``)."""
+    states = loop.get("loader_by_process")
+    if not states:
+        return loop
+    if len(states) == jax.process_count():
+        return {**loop, "loader": states[jax.process_index()]}
+    if any(s != states[0] for s in states):
+        warnings.warn(
+            f"checkpoint {where} was saved by {len(states)} processes whose loaders had "
+            f"different states (a loader sharded by process), and is resumed on "
+            f"{jax.process_count()}: every process continues from process 0's loader state. "
+            "Resume on as many processes, or use ArrayLoader(..., shard_by_process=True), "
+            "whose position counts global batches.",
+            ResumeWarning,
+            stacklevel=4,
+        )
+    return loop
 
 
 def restore_into_trainer(trainer, directory: str, step: int) -> dict:

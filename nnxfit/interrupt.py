@@ -178,6 +178,11 @@ def _stop_notice(trainer, signals: Signals, dirs: list[str]) -> str:
     epoch = trainer.dispatch_epoch if trainer.dispatch_epoch is not None else 0
     where = position(trainer, epoch)
     text = f"{name} received: stopping after step {signals.stop_step} ({where})"
+    if signals.agreement is not None:
+        text = (
+            f"{name} received: stopping, with every process, after step {signals.stop_step} "
+            f"({where}) or the first step after it that another process has already sent"
+        )
     if dirs:
         text += f" and saving a checkpoint to {', '.join(dirs)}"
     else:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import sys
 import threading
+import time
 from typing import Any
 
 from nnxfit.errors import BatchError, ProcessSyncError
@@ -30,6 +33,8 @@ PREFIX = "nnxfit"
 # How long a process waits for the others at an agreement point before it gives up (one
 # that died is reported by jax.distributed's heartbeat well before this).
 TIMEOUT_S = 600.0
+# How long a process whose collective failed waits for the others to answer a roll call.
+LOST_WAIT_S = 3.0
 _counters: collections.Counter = collections.Counter()
 _lock = threading.Lock()
 
@@ -133,6 +138,84 @@ def orbax_options():
         return options.MultiprocessingOptions()
     prefix = _key("orbax").replace("/", "_")
     return options.MultiprocessingOptions(primary_host=0, barrier_sync_key_prefix=prefix)
+
+
+# ---------------------------------------------------------------------------- lost process ---
+def missing_processes(wait_s: float = LOST_WAIT_S) -> list[int]:
+    """The processes that do not answer a roll call within ``wait_s`` (every process still
+    running calls it: a collective of theirs failed too). Process 0 when the coordinator it
+    runs cannot be reached at all."""
+    c, me, n = client(), process_index(), process_count()
+    key = _key("roll")
+    try:
+        c.key_value_set(f"{key}/{me}", "here", allow_overwrite=True)
+    except Exception:
+        return [0]  # the key-value store lives in process 0
+    deadline = time.monotonic() + wait_s
+    gone = []
+    for p in range(n):
+        left = max(0.05, deadline - time.monotonic())
+        try:
+            c.blocking_key_value_get(f"{key}/{p}", int(1000 * left))
+        except Exception:
+            gone.append(p)
+    return gone
+
+
+def explain_failure(trainer, error: BaseException) -> None:
+    """A multi-process fit failed in the runtime (a collective whose peer is gone): find
+    which processes are gone and say so, with the checkpoint a restart resumes from (a note
+    on ``error`` and a line on stderr: jax may end this process before the traceback)."""
+    if not active() or not _runtime_failure(error):
+        return
+    gone = missing_processes()
+    if not gone:
+        return
+    last = [os.path.join(d, str(s[-1])) for d in trainer._saving_dirs() if (s := _steps(d))]
+    who = ", ".join(str(p) for p in gone)
+    text = (
+        f"process {who} of {process_count()} is gone (it stopped answering; this process's "
+        f"collective with it failed: {_first_line(error)}). The fit cannot go on without it. "
+        + (
+            f"The last complete checkpoint is intact: {', '.join(last)}. "
+            if last
+            else "No checkpoint was complete yet. "
+        )
+        + "Restart every process with fit(..., resume=True)."
+    )
+    error.add_note(f"nnxfit: {text}")
+    try:
+        sys.stderr.write(f"nnxfit [process {process_index()}]: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # noqa: S110 - the note still carries it
+        pass
+
+
+def _steps(directory: str) -> list[int]:
+    """Complete checkpoints (orbax renames a step folder to its number once committed)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def _runtime_failure(error: BaseException) -> bool:
+    import jax
+
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
 
 
 # ------------------------------------------------------------------------- per-process data ---

@@ -240,6 +240,7 @@ class Trainer(FitView, FitState, EvalAPI):
                 except TrainingInterrupted:
                     raise
                 except BaseException as e:
+                    multihost.explain_failure(self, e)  # a lost process: which one
                     self._sync_to_module(allow_deleted=True)
                     self._hook("on_exception", e, guard=True)
                     raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,9 @@ import time
 
 import numpy as np
 import pytest
+from models import Classifier
+
+import nnxfit
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "multihost_worker.py")
 FULL_STEPS, PART_STEPS = 8, 3
@@ -81,7 +85,11 @@ def steps(path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    """The ``sigterm`` scenario, then ``save`` (which also resumes the interrupted fit)."""
     out = tmp_path_factory.mktemp("multihost")
+    results = launch("sigterm", out)
+    written = steps(out / "dp-term" / "checkpoints")  # before the resume adds its own
+    (out / "sigterm.json").write_text(json.dumps({"results": results, "steps": written}))
     ok(launch("save", out))
     return out
 
@@ -154,3 +162,48 @@ def test_resume_on_one_process(saved):
             history = meta(saved, f"resume_here-{kind}-{where}")["history"]
             for k, values in full_history.items():
                 np.testing.assert_allclose(history[k], values, rtol=RTOL, err_msg=k)
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step(saved):
+    """SIGTERM reaches process 1 only (from its hook of step 2; process 0 may have sent more
+    calls by then): both stop after the same step, write one checkpoint of it, exit by the
+    signal, and a resume on 2 processes ends bit for bit where the uninterrupted fit ends."""
+    sigterm = json.loads((saved / "sigterm.json").read_text())
+    results = sigterm["results"]
+    stopped = set()
+    for pid, (rc, log, _) in enumerate(results):
+        # Ended by SIGTERM (a shell reports 143), as a process the signal reached would.
+        assert rc == -signal.SIGTERM, f"process {pid} exited {rc}:\n{log[-4000:]}"
+        line = next(x for x in log.splitlines() if x.startswith("nnxfit.errors.Training"))
+        stopped.add(line.split("stopped after step ")[1].split()[0])
+    assert len(stopped) == 1, stopped  # the same step on both
+    (step,) = stopped
+    assert sigterm["steps"] == [int(step)]  # one checkpoint, of that step
+    assert "[process 0]: SIGTERM reached process 1" in results[0][1]
+    assert "[process 1]: SIGTERM received" in results[1][1]
+    full = params(saved, "save-dp-full")
+    for pid in (0, 1):
+        resumed = params(saved, "save-dp-term-resumed", pid)
+        for k in full:
+            np.testing.assert_array_equal(resumed[k], full[k], err_msg=f"{k} on process {pid}")
+    resumed_history = meta(saved, "save-dp-term-resumed")["history"]
+    assert resumed_history == meta(saved, "save-dp-full")["history"]
+
+
+def test_sigkill_of_one_process(saved):
+    """Process 1 is killed (SIGKILL) at step 5, its checkpoint of step 4 complete: process 0
+    does not wait forever in the collective it shared with it. It fails, names process 1 and
+    the intact checkpoint, and exits non-zero (jax.distributed then ends it once the
+    heartbeat timeout, 10 s here, confirms the loss). The checkpoint of step 4 loads, its
+    checksums verified."""
+    env = {"NNXFIT_HEARTBEAT_S": "10"}
+    (rc0, log0, _), (rc1, _, _) = launch("sigkill", saved, timeout=120, env=env)
+    assert rc1 == -signal.SIGKILL
+    assert rc0 != 0
+    assert "nnxfit [process 0]: process 1 of 2 is gone" in log0, log0[-4000:]
+    ckpts = saved / "dp-kill" / "checkpoints"
+    assert f"last complete checkpoint is intact: {ckpts / '4'}" in log0
+    assert 4 in steps(ckpts)
+    module = Classifier(dropout=0.2, batchnorm=True, opt="sgd", lr=0.1)
+    info = nnxfit.load_checkpoint(module, ckpts / "4")
+    assert info.step == 4
