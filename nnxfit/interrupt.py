@@ -85,6 +85,7 @@ def handlers(trainer, signals: Signals, saving_to: Callable[[], list[str]]):
     if threading.current_thread() is not threading.main_thread():
         yield  # signal.signal works only there; Python delivers signals to the main thread
         return
+
     def remote(signum: int, origin: int) -> None:  # the watcher thread of StopAgreement
         notice(
             trainer,
