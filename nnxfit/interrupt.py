@@ -17,6 +17,11 @@
 * Uncaught, ``TrainingInterrupted`` ends the process by its signal, as CPython does for an
   uncaught ``KeyboardInterrupt``, so a shell sees 130 (SIGINT) or 143 (SIGTERM) and a
   scheduler sees the signal. Caught, it is an ordinary exception and changes nothing.
+* Several processes (``jax.distributed``): a signal that reaches one process stops them all
+  after the same point, the furthest (step, epoch ends) any of them had sent when it learned
+  of it (``multihost.StopAgreement``: the key-value store and a watcher thread, nothing per
+  step); each then saves its part of one checkpoint and ends by that signal. A validation
+  under way is not cut short there (its batches are collectives of every process).
 """
 
 from __future__ import annotations

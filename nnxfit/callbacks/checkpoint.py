@@ -39,6 +39,12 @@ background write fails is reported once, as a ``CheckpointError`` naming its ste
 never saved: the save is skipped with one ``CheckpointWarning`` naming the step, so the last
 finite checkpoint is never rotated away for it (one fused check per save, none per step).
 
+Several processes (``jax.distributed``): every process saves into the one (shared) folder;
+orbax writes each process's shards, process 0 the metadata and the commit, and the checksum
+manifest is written by process 0 once every process's files are on disk. Each save decides
+from process 0's metrics (``multihost.agreed``), so top-k and ``save_last`` keep and delete
+the same checkpoints everywhere; each writer has its own orbax barrier prefix.
+
 At fit start, checkpoints that belong to another run are moved (never deleted) to
 ``<dir>.previous-<time>/``: all of them for a fresh fit, those newer than the resume point
 for a resumed one. Leftover ``*.orbax-checkpoint-tmp`` folders of killed saves are removed.
