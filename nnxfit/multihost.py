@@ -35,6 +35,8 @@ PREFIX = "nnxfit"
 TIMEOUT_S = 600.0
 # How long a process whose collective failed waits for the others to answer a roll call.
 LOST_WAIT_S = 3.0
+# How long a process at the end of an epoch waits for the others to get there.
+EPOCH_WAIT_S = 120.0
 _counters: collections.Counter = collections.Counter()
 _lock = threading.Lock()
 
@@ -242,6 +244,36 @@ def check_batch_counts(train_data: Any, val_data: Any) -> None:
             "global batch, the same number of batches: give each process an equal shard "
             "(ArrayLoader(..., shard_by_process=True) splits every global batch; with grain, "
             "ShardByJaxProcess and drop_remainder=True)."
+        )
+
+
+def check_epoch_batches(data: Any, epoch: int, count: int) -> None:
+    """At the end of an epoch whose loader ran out: every process yielded ``count`` batches.
+    Only for loaders without ``len`` (those with one were compared before training); one
+    key-value exchange per epoch. A process with more batches is still sending them and
+    answers a little later; one stuck in a collective for a batch the others never sent
+    does not answer, which is an error too, after ``EPOCH_WAIT_S``."""
+    from nnxfit.data import num_batches
+
+    if not active() or num_batches(data) is not None:
+        return
+    try:
+        counts = gathered("epoch-batches", count, timeout_s=EPOCH_WAIT_S)
+    except ProcessSyncError as e:
+        raise BatchError(
+            f"process {process_index()} yielded {count} train batches in epoch {epoch}, and "
+            f"another process did not reach the end of that epoch within {EPOCH_WAIT_S:.0f} s "
+            f"({e}). Most likely it has more batches and waits in a collective for this "
+            "process: every process must yield the same number of batches per epoch."
+        ) from e
+    if len(set(counts)) > 1:
+        detail = ", ".join(f"process {p}: {n}" for p, n in enumerate(counts))
+        raise BatchError(
+            f"the processes' train data yielded different numbers of batches in epoch {epoch} "
+            f"({detail}). Each process must feed its part of every global batch, the same "
+            "number of batches: give each process an equal shard "
+            "(ArrayLoader(..., shard_by_process=True); with grain, ShardByJaxProcess and "
+            "drop_remainder=True)."
         )
 
 

@@ -323,6 +323,7 @@ class Trainer(FitView, FitState, EvalAPI):
                 else:
                     if sent.batch == 0 and signals.received is None:
                         raise EmptyDataError(f"train data yielded no batch in epoch {epoch}.")
+                    multihost.check_epoch_batches(self.train_data, epoch, sent.batch)
             signals.epochs = epoch + 1  # a signal from here on stops after this epoch end
             if signals.halts(sent.step, epoch):
                 break

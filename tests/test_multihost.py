@@ -139,9 +139,14 @@ def test_resume_on_two_processes_is_bit_exact(saved, kind):
 
 def test_unequal_batch_counts_name_the_process(saved):
     for pid in (0, 1):
+        # Loaders with a len: before training.
         error = meta(saved, "save-count-error", pid)["error"]
         assert error is not None
         assert "process 0: 8, process 1: 7" in error and "process 1 differs" in error
+        # Without one: at the end of the first epoch.
+        error = meta(saved, "save-epoch-count-error", pid)["error"]
+        assert error is not None
+        assert "in epoch 0 (process 0: 8, process 1: 7)" in error, error
 
 
 def test_resume_on_one_process(saved):
