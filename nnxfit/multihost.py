@@ -7,10 +7,15 @@ agree explicitly, through the ``jax.distributed`` key-value store, never per ste
 
 * ``barrier(tag)`` and ``agreed(tag, value)`` (process 0's value, to every process): at
   checkpoint saves, so that top-k and ``save_last`` decide from process 0's metrics and a
-  folder moved aside by process 0 is gone before the others list it;
+  folder moved aside by process 0 is gone before the others list it; ``orbax_options``
+  gives each orbax manager barriers of its own;
 * ``check_batch_counts``: before training, the loaders' lengths (``len``) must be equal;
+  ``check_epoch_batches``: for loaders without one, the counts at each epoch's end;
 * ``StopAgreement``: a SIGTERM/SIGINT delivered to one process stops every process after
-  the same step (``interrupt.Signals``).
+  the same step (``interrupt.Signals``);
+* ``explain_failure``: when a collective fails because a process is gone (killed, out of
+  memory), the survivors find which one by a roll call and say so, with the last complete
+  checkpoint; ``jax.distributed`` ends them after its heartbeat timeout at the latest.
 
 The keys are numbered by a per-process counter of each tag: the processes call these in the
 same order, so the n-th barrier of a tag is the same barrier everywhere. In a single
