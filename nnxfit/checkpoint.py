@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnxfit import integrity, orbax_leaks, orbax_loops
+from nnxfit import integrity, multihost, orbax_leaks, orbax_loops
 from nnxfit.config import EXACTNESS_OPTIONS, trainer_options  # noqa: F401 (re-exported)
 from nnxfit.errors import CheckpointError, ConfigError
 from nnxfit.hparams import of as hparams_of
@@ -156,6 +156,7 @@ def open_manager(
         cleanup_tmp_directories=True,
         preservation_policy=keep,
         async_options=ocp.AsyncOptions(post_finalization_callback=on_commit),
+        multiprocessing_options=multihost.orbax_options(),
         **best,
     )
     return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers(compress))
@@ -351,6 +352,10 @@ def save_state(
     manifest under the same id)."""
     ocp = _ocp()
     state, loop = trainer.checkpoint_state()  # the resume point (resume_point.py)
+    if multihost.active() and not weights_only:
+        # Only process 0 writes the meta item; a loader sharded by process (grain) has a
+        # state of its own on each.
+        loop = {**loop, "loader_by_process": multihost.gathered("loader-state", loop["loader"])}
     module, train = _split_train_state(state)
     metrics = {k: _json_float(v) for k, v in (metrics or {}).items()}
     meta = {
@@ -495,7 +500,7 @@ def restore_and_verify(trainer, directory: str, step: int) -> tuple[dict, bool]:
     whether its files were checked against a checksum manifest (older checkpoints have none)."""
     meta, state, verified = read_train_state(trainer, directory, step)
     trainer.load_train_state(state)
-    trainer.load_loop_state(meta["loop"])
+    trainer.load_loop_state(_this_process_loop(meta["loop"], os.path.join(directory, str(step))))
     return meta, verified
 
 
@@ -519,6 +524,27 @@ def read_train_state(trainer, directory: str, step: int) -> tuple[dict, dict, bo
         reader.close()
     state = {**module.treedef.unflatten(out["module"]), **train.treedef.unflatten(out["train"])}
     return meta, state, verified
+
+
+def _this_process_loop(loop: dict, where: str) -> dict:
+    """The loop state with this process's own loader state, when several processes saved
+    theirs (``loader_by_process``)."""
+    states = loop.get("loader_by_process")
+    if not states:
+        return loop
+    if len(states) == jax.process_count():
+        return {**loop, "loader": states[jax.process_index()]}
+    if any(s != states[0] for s in states):
+        warnings.warn(
+            f"checkpoint {where} was saved by {len(states)} processes whose loaders had "
+            f"different states (a loader sharded by process), and is resumed on "
+            f"{jax.process_count()}: every process continues from process 0's loader state. "
+            "Resume on as many processes, or use ArrayLoader(..., shard_by_process=True), "
+            "whose position counts global batches.",
+            ResumeWarning,
+            stacklevel=4,
+        )
+    return loop
 
 
 def restore_into_trainer(trainer, directory: str, step: int) -> dict:

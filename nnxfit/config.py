@@ -159,6 +159,10 @@ def trainer_options(trainer) -> dict:
     out: dict[str, Any] = trainer.config.recorded()
     spec = trainer.batch_spec
     out["batch_size"] = getattr(spec, "batch_size", None)
+    placement = getattr(trainer, "placement", None)
+    if out["batch_size"] is not None and getattr(placement, "multiprocess", False):
+        # Each process feeds its slices of the 'data' axis: the numbers follow the global batch.
+        out["batch_size"] = out["batch_size"] * placement.data_size // placement.local_data_shards
     mesh = trainer.config.mesh
     out["mesh"] = dict(mesh.shape) if mesh is not None else None
     out["num_devices"] = jax.device_count()

@@ -23,6 +23,13 @@ class ArrayLoader:
     ``arrays`` is a pytree (tuple, dict, ...) of arrays with one leading dimension in common.
     The order of epoch ``e`` depends only on ``seed`` and ``e``, so a run resumed in the
     middle of an epoch sees exactly the batches the uninterrupted run would have seen.
+
+    ``shard_by_process=True`` (several processes, ``jax.distributed``): every process holds
+    the same ``arrays`` and ``batch_size`` is the *global* batch; each process yields its
+    contiguous part of every global batch (process ``i`` of ``n``: rows ``i/n`` to
+    ``(i+1)/n``). The order and the batch count are those of the global batches, so a
+    checkpoint's loader position means the same data on any number of processes. The
+    global batch (and a short last one) must divide by the process count.
     """
 
     def __init__(
@@ -33,6 +40,7 @@ class ArrayLoader:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        shard_by_process: bool = False,
     ):
         leaves, self._treedef = jax.tree.flatten(arrays)
         if not leaves:
@@ -58,7 +66,35 @@ class ArrayLoader:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_last = drop_last
+        self.shard_by_process = bool(shard_by_process)
         self.epoch = 0
+        if self.shard_by_process:
+            self._check_process_split()
+
+    # -- several processes ----------------------------------------------------------------
+    def _check_process_split(self) -> None:
+        n = jax.process_count()
+        last = 0 if self.drop_last else self.num_examples % self.batch_size
+        for what, size in (("batch_size", self.batch_size), ("the short last batch", last)):
+            if size % n:
+                fix = (
+                    f"use a batch_size that is a multiple of {n}"
+                    if what == "batch_size"
+                    else "pass drop_last=True, or a dataset size that leaves a last batch "
+                    f"divisible by {n}"
+                )
+                raise BatchError(
+                    f"ArrayLoader(shard_by_process=True): {what} of {size} examples does not "
+                    f"split evenly over the {n} processes; {fix}."
+                )
+
+    def _process_rows(self, size: int) -> slice:
+        """This process's rows of a global batch of ``size`` rows."""
+        if not self.shard_by_process:
+            return slice(None)
+        n, i = jax.process_count(), jax.process_index()
+        per = size // n
+        return slice(i * per, (i + 1) * per)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -84,7 +120,11 @@ class ArrayLoader:
         bs, order = self.batch_size, self.order(epoch) if self.shuffle else None
         for chunk in self._chunks(order, start, len(self), 1):
             for r in range(0, len(chunk[0]), bs):
-                yield [x[r : r + bs] for x in chunk]
+                batch = [x[r : r + bs] for x in chunk]
+                if self.shard_by_process:
+                    mine = self._process_rows(len(batch[0]))
+                    batch = [x[mine] for x in batch]
+                yield batch
 
     def iter_runs(
         self, epoch: int, start: int, k: int, stop: int | None = None
@@ -100,10 +140,18 @@ class ArrayLoader:
             rows = len(chunk[0])
             for r in range(0, rows, k * bs):
                 m = min(k * bs, rows - r) // bs
-                yield [x[r : r + m * bs].reshape(m, bs, *x.shape[1:]) for x in chunk], m
+                run = [x[r : r + m * bs].reshape(m, bs, *x.shape[1:]) for x in chunk]
+                yield (self._mine(run) if self.shard_by_process else run), m
         if full < n and start <= full:  # the short last batch
             for chunk in self._chunks(order, full, n, 1):
-                yield [x[None] for x in chunk], 1
+                yield self._mine([x[None] for x in chunk]), 1
+
+    def _mine(self, run: list) -> list:
+        """This process's rows of each batch of a run (leaves ``(m, batch, ...)``)."""
+        if not self.shard_by_process:
+            return run
+        mine = self._process_rows(run[0].shape[1])
+        return [x[:, mine] for x in run]
 
     def _chunks(self, order: np.ndarray | None, start: int, stop: int, k: int) -> Iterator[list]:
         """The rows of batches ``start`` to ``stop`` in ``order``, gathered a chunk of whole
@@ -134,7 +182,8 @@ class ArrayLoader:
     def __repr__(self) -> str:
         return (
             f"ArrayLoader(num_examples={self.num_examples}, batch_size={self.batch_size}, "
-            f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last})"
+            f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}"
+            + (", shard_by_process=True)" if self.shard_by_process else ")")
         )
 
 

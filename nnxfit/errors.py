@@ -66,6 +66,11 @@ class WorkdirLockedError(NnxfitError, RuntimeError):
         self.holder = holder or {}
 
 
+class ProcessSyncError(NnxfitError, RuntimeError):
+    """The processes of a multi-process fit could not agree in time (one is gone or stuck;
+    ``nnxfit.multihost``)."""
+
+
 class CallbackError(NnxfitError, RuntimeError):
     """Wraps nothing: kept for callbacks that want to fail with an nnxfit error."""
 

@@ -3,7 +3,7 @@ merged, and the device state (``FitCarry``), plan, schedule and counters built a
 
 from __future__ import annotations
 
-from nnxfit import interrupt
+from nnxfit import interrupt, multihost
 from nnxfit.callbacks.base import CallbackList
 from nnxfit.callbacks.defaults import default_callbacks, module_callbacks
 from nnxfit.callbacks.merge import merge_callbacks
@@ -36,6 +36,7 @@ def fit_data(trainer, module: TrainModule, train_data, val_data, **arrays) -> tu
     if trainer.overfit_batches:  # the same first N batches every epoch, validated on too
         train_data = take_batches(train_data, trainer.overfit_batches)
         val_data = train_data if has_validation_step(module) else None
+    multihost.check_batch_counts(train_data, val_data)  # several processes: equal counts
     return train_data, val_data, first
 
 

@@ -20,6 +20,11 @@
 * Uncaught, ``TrainingInterrupted`` ends the process by its signal, as CPython does for an
   uncaught ``KeyboardInterrupt``, so a shell sees 130 (SIGINT) or 143 (SIGTERM) and a
   scheduler sees the signal. Caught, it is an ordinary exception and changes nothing.
+* Several processes (``jax.distributed``): a signal that reaches one process stops them all
+  after the same point, the furthest (step, epoch ends) any of them had sent when it learned
+  of it (``multihost.StopAgreement``: the key-value store and a watcher thread, nothing per
+  step); each then saves its part of one checkpoint and ends by that signal. A validation
+  under way is not cut short there (its batches are collectives of every process).
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from nnxfit import multihost
 from nnxfit.errors import TrainingInterrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -50,6 +57,37 @@ class Signals:
     received: int | None = None  # the first signal's number; None while none came
     stop_step: int = 0  # the step the fit stops after: every call sent, and the one being sent
     sending: int = 0  # the step the call being sent ends at (the loop keeps it current)
+    # Epoch ends sent (the one being sent included), and how many the fit stops after: a
+    # signal during an epoch end's hooks stops the fit after that epoch end.
+    epochs: int = 0
+    stop_epochs: int = 0
+    # Several processes (``multihost.StopAgreement``): the step is agreed between them, and
+    # ``remote`` is the process the signal reached when it was not this one.
+    agreement: Any = None
+    remote: int | None = None
+
+    def halts(self, step: int, epochs: int | None = None) -> bool:
+        """Whether the fit sends nothing more from ``step`` (and ``epochs`` epoch ends; by
+        default those sent): a signal came, and that is where the fit stops (on several
+        processes, once they all agreed on it)."""
+        if self.received is None:
+            return False
+        if self.agreement is not None:
+            self.agreement.resolve()
+        epochs = self.epochs if epochs is None else epochs
+        return (step, epochs) >= (self.stop_step, self.stop_epochs)
+
+    def note(self, signum: int, dispatch_step: int) -> None:
+        """The fit stops after every call and epoch end sent, and the one being sent."""
+        self.received = signum
+        self.stop_step = max(dispatch_step, self.sending)
+        self.stop_epochs = self.epochs
+
+    def cuts_validation(self) -> bool:
+        """Whether a validation under way stops at its next batch. Not on several
+        processes: each batch is a collective of all of them, and they agree only between
+        train calls."""
+        return self.received is not None and self.agreement is None
 
 
 @contextlib.contextmanager
@@ -61,13 +99,31 @@ def handlers(trainer, signals: Signals, saving_to: Callable[[], list[str]]):
         yield  # signal.signal works only there; Python delivers signals to the main thread
         return
 
+    def remote(signum: int, origin: int) -> None:  # the watcher thread of StopAgreement
+        notice(
+            trainer,
+            f"{_name(signum)} reached process {origin}: this process stops with it, after the "
+            "same step.",
+            every_process=True,
+        )
+
+    signals.epochs = trainer.current_epoch or 0
+    agreement = signals.agreement = (
+        multihost.StopAgreement(trainer, signals, remote) if multihost.active() else None
+    )
+    lock = agreement.lock if agreement is not None else contextlib.nullcontext()
+
     def handler(signum, frame):
-        if signals.received is None:
-            # The step the loop stops after: every call sent, and the one being sent
-            # (``Trainer._dispatch`` checks this against its own count).
-            signals.stop_step = max(trainer.dispatch_step, signals.sending)
-            signals.received = signum
-            notice(trainer, _stop_notice(trainer, signals, saving_to()))
+        with lock:  # not while another process's signal is being noted (the watcher thread)
+            first = signals.received is None
+            if first:
+                # The step the loop stops after: every call sent, and the one being sent
+                # (``Trainer._dispatch`` checks this against its own count).
+                signals.note(signum, trainer.dispatch_step)
+                if agreement is not None:
+                    agreement.local(signum)
+        if first:
+            notice(trainer, _stop_notice(trainer, signals, saving_to()), every_process=True)
         elif signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a third one kills at once
             notice(
@@ -86,6 +142,8 @@ def handlers(trainer, signals: Signals, saving_to: Callable[[], list[str]]):
         for s, h in old.items():
             if h is not None:  # None: a handler not set from Python, which we cannot restore
                 signal.signal(s, h)
+        if agreement is not None:
+            agreement.close()
 
 
 def _kill_if_stuck(trainer, grace: float) -> None:
@@ -120,13 +178,17 @@ def _default_disposition(signum: int) -> None:
         ctypes.CDLL(None, use_errno=True).signal(signum, ctypes.c_void_p(0))  # SIG_DFL == 0
 
 
-def notice(trainer, text: str) -> None:
-    """One line on stderr (process 0 only). Safe inside a signal handler: a handler that
+def notice(trainer, text: str, every_process: bool = False) -> None:
+    """One line on stderr (process 0 only, unless ``every_process``: then, on several
+    processes, each says it with its index). Safe inside a signal handler: a handler that
     interrupts a write to stderr cannot write through the same buffer, so it falls back to
     the file descriptor."""
-    if not getattr(trainer, "is_global_zero", True):
+    if not (every_process or getattr(trainer, "is_global_zero", True)):
         return
-    line = f"nnxfit: {text}\n"
+    import jax
+
+    who = f" [process {jax.process_index()}]" if jax.process_count() > 1 else ""
+    line = f"nnxfit{who}: {text}\n"
     try:
         sys.stderr.write(line)
         sys.stderr.flush()
@@ -163,6 +225,11 @@ def _stop_notice(trainer, signals: Signals, dirs: list[str]) -> str:
     epoch = trainer.dispatch_epoch if trainer.dispatch_epoch is not None else 0
     where = position(trainer, epoch)
     text = f"{name} received: stopping after step {signals.stop_step} ({where})"
+    if signals.agreement is not None:
+        text = (
+            f"{name} received: stopping, with every process, after step {signals.stop_step} "
+            f"({where}) or the first step after it that another process has already sent"
+        )
     if dirs:
         text += f" and saving a checkpoint to {', '.join(dirs)}"
     else:

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnxfit import evaluate, fit_logs, fit_setup, hooks, interrupt, loop
+from nnxfit import evaluate, fit_logs, fit_setup, hooks, interrupt, loop, multihost
 from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
 from nnxfit.carry import FitCarry, wait_ready
 from nnxfit.config import PRECISIONS, TrainerConfig, expose_options  # noqa: F401 (PRECISIONS)
@@ -198,6 +198,7 @@ class Trainer(FitView, FitState, EvalAPI):
                 except TrainingInterrupted:
                     raise
                 except BaseException as e:
+                    multihost.explain_failure(self, e)  # a lost process: which one
                     self._sync_to_module(allow_deleted=True)
                     self._hook("on_exception", e, guard=True)
                     raise
@@ -252,7 +253,7 @@ class Trainer(FitView, FitState, EvalAPI):
             self.data_wait_seconds += seconds
             device.poll(t0, seconds, sent.epoch, sent.step, carry.leaves[-1])
 
-        while not schedule.done(sent, self.should_stop) and signals.received is None:
+        while not schedule.done(sent, self.should_stop) and not signals.halts(sent.step):
             epoch, stopped = sent.epoch, False
             start = barrier("on_train_epoch_start", "epoch_start")
             yield new_event((START, epoch, 0, 0, None, start, None, False))
@@ -263,7 +264,7 @@ class Trainer(FitView, FitState, EvalAPI):
                     n_steps = call.n_steps
                     # From here this call counts in the step a signal says the fit stops after.
                     signals.sending = sent.step + n_steps
-                    if signals.received is not None and sent.step >= signals.stop_step:
+                    if signals.halts(sent.step):
                         break  # the signal came before: the call stays unsent
                     carry.run(call)  # donated, asynchronous
                     speculation.record(call)
@@ -273,7 +274,7 @@ class Trainer(FitView, FitState, EvalAPI):
                     sync = barrier("on_train_batch_end", "batch", n_steps)
                     mark = speculation.take_mark()
                     yield new_event((CALL, epoch, n_steps, call.n_batches, snap, sync, mark, False))
-                    if signals.received is not None:
+                    if signals.halts(sent.step):
                         break
                     if self.should_stop or schedule.steps_done(sent.step):
                         stopped = True
@@ -281,7 +282,9 @@ class Trainer(FitView, FitState, EvalAPI):
                 else:
                     if sent.batch == 0 and signals.received is None:
                         raise EmptyDataError(f"train data yielded no batch in epoch {epoch}.")
-            if signals.received is not None:
+                    multihost.check_epoch_batches(self.train_data, epoch, sent.batch)
+            signals.epochs = epoch + 1  # a signal from here on stops after this epoch end
+            if signals.halts(sent.step, epoch):
                 break
             # Validation and the last epoch end wait for every hook before anything else runs.
             sync = schedule.validates or schedule.done(sent, self.should_stop, after_epoch=True)
@@ -393,7 +396,7 @@ class Trainer(FitView, FitState, EvalAPI):
             self._carry.to_module(allow_deleted)
 
     def _stop_if_signalled(self) -> None:
-        if self._signals.received is not None:
+        if self._signals.cuts_validation():
             self._interrupt()
 
     def _interrupt(self) -> None:

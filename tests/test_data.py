@@ -245,3 +245,38 @@ def test_array_loader_runs_are_the_batches_stacked_without_copies(shuffle, drop_
         full = [m for leaves, m in runs if leaves[0].shape[1] == 16]
         assert all(m == k for m in full[:-1]) and all(m <= k for m in full)
         assert all(leaves[0].base is not None for leaves, _ in runs)  # views, not copies
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_array_loader_shard_by_process_splits_every_global_batch(monkeypatch, shuffle):
+    """Process i of n yields rows i/n to (i+1)/n of each global batch (the short last one
+    too), in the global order, one batch at a time and in K-batch runs alike."""
+    x = np.arange(44, dtype=np.float32)[:, None]  # 5 batches of 8 and a last batch of 4
+
+    def batches(pid, runs):
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(jax, "process_index", lambda: pid)
+        loader = ArrayLoader((x,), 8, shuffle=shuffle, seed=1, shard_by_process=True)
+        assert len(loader) == 6
+        if not runs:
+            return [b[0] for b in loader.iter_leaves(1, start=1)]
+        return [b for leaves, m in loader.iter_runs(1, 1, 3) for b in leaves[0]]
+
+    whole = [b[0] for b in ArrayLoader((x,), 8, shuffle=shuffle, seed=1).iter_leaves(1, 1)]
+    for runs in (False, True):
+        mine = [batches(pid, runs) for pid in (0, 1)]
+        joined = [np.concatenate(parts) for parts in zip(*mine, strict=True)]
+        assert len(joined) == len(whole) == 5
+        for got, want in zip(joined, whole, strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert [len(b) for b in mine[1]] == [4, 4, 4, 4, 2]
+
+
+def test_array_loader_shard_by_process_needs_divisible_batches(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    x = np.zeros((40, 2), np.float32)
+    with pytest.raises(nnxfit.BatchError, match="batch_size of 6 examples does not split"):
+        ArrayLoader((x,), 6, shard_by_process=True)
+    with pytest.raises(nnxfit.BatchError, match="short last batch of 2 examples.*drop_last"):
+        ArrayLoader((x[:38],), 4, shard_by_process=True)
+    ArrayLoader((x[:38],), 4, shard_by_process=True, drop_last=True)  # the short one dropped

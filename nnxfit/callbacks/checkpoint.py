@@ -39,6 +39,12 @@ background write fails is reported once, as a ``CheckpointError`` naming its ste
 never saved: the save is skipped with one ``CheckpointWarning`` naming the step, so the last
 finite checkpoint is never rotated away for it (one fused check per save, none per step).
 
+Several processes (``jax.distributed``): every process saves into the one (shared) folder;
+orbax writes each process's shards, process 0 the metadata and the commit, and the checksum
+manifest is written by process 0 once every process's files are on disk. Each save decides
+from process 0's metrics (``multihost.agreed``), so top-k and ``save_last`` keep and delete
+the same checkpoints everywhere; each writer has its own orbax barrier prefix.
+
 At fit start, checkpoints that belong to another run are moved (never deleted) to
 ``<dir>.previous-<time>/``: all of them for a fresh fit, those newer than the resume point
 for a resumed one. Leftover ``*.orbax-checkpoint-tmp`` folders of killed saves are removed.
@@ -53,8 +59,10 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from numbers import Real
 from typing import Any
 
+from nnxfit import multihost
 from nnxfit.callbacks.base import Callback
 from nnxfit.callbacks.monitor import MODES, Monitor, known_metrics  # noqa: F401 (re-exported)
 from nnxfit.checkpoint import (
@@ -193,6 +201,8 @@ class ModelCheckpoint(Callback):
         self.directory = directory
         if trainer.is_global_zero:
             self._move_foreign_checkpoints(trainer)
+        # Several processes: none opens its manager on the folder before process 0 cleared it.
+        multihost.barrier("checkpoint-folder")
         try:
             self._writer = Writer(
                 directory,
@@ -327,8 +337,15 @@ class ModelCheckpoint(Callback):
     def _save(self, trainer, metrics: dict, hold: bool = False) -> bool:
         step = trainer.checkpoint_step  # the step of the state saved (resume_point.py)
         self._wait()  # the previous save: its failure is reported as its own, not this one's
-        if trainer.is_global_zero:
-            self._move_undone(trainer, step)
+        moved = self._move_undone(trainer, step) if trainer.is_global_zero else False
+        if multihost.active():
+            # Every process decides from process 0's metrics (top-k, best), and lists the
+            # folder only after process 0 moved undone checkpoints out of it.
+            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, Real)}
+            agreed = multihost.agreed("checkpoint-save", {"metrics": numbers, "moved": moved})
+            metrics = agreed["metrics"]
+            if agreed["moved"] and not trainer.is_global_zero:
+                self._manager.reload()
         if step in self._manager.all_steps() or step in list_steps(self.directory):
             return False  # never twice: orbax would delete every newer checkpoint
         if trainer.rolling_back:  # abandoned next: it would rotate the one to go back to away
@@ -481,14 +498,14 @@ class ModelCheckpoint(Callback):
                 stacklevel=3,
             )
 
-    def _move_undone(self, trainer, step: int) -> None:
+    def _move_undone(self, trainer, step: int) -> bool:
         """A save older than checkpoints already written: after ``NaNGuard("stop")`` the
         fit's state is that of the last good step, and a checkpoint of a later step held the
         frozen state of the steps it undid (a resume from it would stay frozen). Those are
         moved aside, never deleted, so that the newest checkpoint is the resume point."""
         newer = [s for s in list_steps(self.directory) if s > step]
         if not newer:
-            return
+            return False
         dest = move_aside(self.directory, newer, "undone")
         self._manager.reload()
         warn(
@@ -496,6 +513,7 @@ class ModelCheckpoint(Callback):
             f"undid (it ends at step {step}); moved them to {dest}.",
             ResumeWarning,
         )
+        return True
 
     # -- checks ---------------------------------------------------------------------------
     def _check_monitor(self, trainer) -> None:
