@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 
 LABELS = {
     "A": "jax.jit, hand-written (A)",
@@ -43,27 +42,28 @@ def plot(results: list[dict], path: str, title: str | None = None) -> str:
     fig, axes = plt.subplots(
         1, len(results), figsize=(4.6 * len(results), 0.42 * len(keys) + 1.6), squeeze=False
     )
+    ys = dict(zip(keys, range(len(keys))[::-1], strict=True))  # one row per contender
     for ax, res in zip(axes[0], results, strict=True):
-        # A rate that is not a measurement (peers.py says why) is left out, not drawn.
+        # A rate that is not a measurement (peers.py says why) keeps its row, empty, marked.
         invalid = res.get("invalid", {})
         rates = {k: v for k, v in res["rates"].items() if k not in invalid}
         base = rates["A"]
         ks = [k for k in keys if k in rates]
-        ys = list(range(len(ks)))[::-1]
         vals = [rates[k] for k in ks]
-        ax.barh(ys, vals, color=[color(k) for k in ks])
+        ax.barh([ys[k] for k in ks], vals, color=[color(k) for k in ks])
         ax.axvline(base, color="black", lw=0.8, ls="--")
-        for y, v in zip(ys, vals, strict=True):
-            ax.text(v, y, f" {v / base:.2f}x", va="center", fontsize=8)
+        for k, v in zip(ks, vals, strict=True):
+            ax.text(v, ys[k], f" {v / base:.2f}x", va="center", fontsize=8)
+        for k in keys:
+            if k in invalid:
+                ax.text(0, ys[k], " not a measurement (see peers.py)", va="center", fontsize=7)
+            elif k not in rates:
+                ax.text(0, ys[k], " not run", va="center", fontsize=7)
         ax.set_xlim(0, max(vals) * 1.28)
-        ax.set_yticks(ys)
-        ax.set_yticklabels([LABELS[k] for k in ks] if ax is axes[0][0] else [])
+        ax.set_yticks(list(ys.values()))
+        ax.set_yticklabels([LABELS[k] for k in ys] if ax is axes[0][0] else [])
         ax.set_xlabel("steps/s (ratio to A)")
         ax.set_title(res["title"], fontsize=9)
-        if invalid:
-            left_out = ", ".join(LABELS[k] for k in invalid)
-            note = textwrap.fill(f"left out, not a measurement: {left_out}", 48)
-            ax.set_xlabel(f"steps/s (ratio to A)\n{note}", fontsize=8)
     title = title or "Training throughput: same model, optimizer and data; one process"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
