@@ -255,6 +255,7 @@ class Trainer(FitView, FitState, EvalAPI):
 
         while not schedule.done(sent, self.should_stop) and not signals.halts(sent.step):
             epoch, stopped = sent.epoch, False
+            device.epoch_start(sent.step, carry.leaves[-1])
             start = barrier("on_train_epoch_start", "epoch_start")
             yield new_event((START, epoch, 0, 0, None, start, None, False))
             with contextlib.closing(
