@@ -239,8 +239,9 @@ DEFAULT_MAX_ROLLBACKS = 3
 
 
 class RollsBack:
-    """What ``NaNGuard`` and ``SpikeGuard`` share for ``action="rollback"``: the options, the
-    counters, when the loop must be in step with the device, and the ask at a log step."""
+    """What ``NaNGuard`` and ``SpikeGuard`` share: their hooks, and for ``action="rollback"``
+    the options, the counters, when the loop must be in step with the device, and the ask at
+    a log step."""
 
     action: str
     kind: str  # bad_runs kind
@@ -282,6 +283,23 @@ class RollsBack:
             return False
         n, last = trainer.log_every_n_steps, trainer.max_steps
         return step // n != (step - n_steps) // n or (last is not None and step >= last)
+
+    # The guards' hooks: the guard's own ``_check(trainer)`` says what it saw, then a rollback
+    # may be asked for; the count of rollbacks is checkpointed with the guard.
+    def on_train_batch_end(self, trainer, module, step, logs) -> None:
+        if logs:  # a log step: the trainer just fetched the device's counters
+            self._check(trainer)
+            self._rollback_check(trainer, logs)
+
+    def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
+        self._check(trainer)
+        self._rollback_check(trainer, logs)
+
+    def state_dict(self) -> dict:
+        return {"rollbacks": self.rollbacks} if self.action == "rollback" else {}
+
+    def load_state_dict(self, state) -> None:
+        self.rollbacks = int(state.get("rollbacks", 0))
 
     def _rollback_check(self, trainer, logs: dict) -> None:
         """At a log step or epoch end: asks for a rollback when a run is long enough; the

@@ -106,21 +106,6 @@ class SpikeGuard(RollsBack, Callback):
         self.spike_step = None
         self._rollback_fit_start(trainer, "SpikeGuard")
 
-    def on_train_batch_end(self, trainer, module, step, logs) -> None:
-        if logs:  # a log step: the trainer just fetched the device's counters
-            self._check(trainer)
-            self._rollback_check(trainer, logs)
-
-    def on_train_epoch_end(self, trainer, module, epoch, logs) -> None:
-        self._check(trainer)
-        self._rollback_check(trainer, logs)
-
-    def state_dict(self) -> dict:
-        return {"rollbacks": self.rollbacks} if self.action == "rollback" else {}
-
-    def load_state_dict(self, state) -> None:
-        self.rollbacks = int(state.get("rollbacks", 0))
-
     def _check(self, trainer) -> None:
         n = trainer.first_spike_step
         if n is None or self.spike_step is not None:
