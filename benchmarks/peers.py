@@ -240,52 +240,82 @@ def bench_workload(w, args) -> dict:
         c.prepare()
         progress(f"{w.name} {c.key} ready", t0)
     best = {c.key: 0.0 for c in cs}
+    rounds: dict[str, list[float]] = {c.key: [] for c in cs}
     for r in range(args.repeats):
         order = cs[r % len(cs) :] + cs[: r % len(cs)]
         for c in order:
             v = c.measure()
             best[c.key] = max(best[c.key], v) if v == v else best[c.key]
+            rounds[c.key].append(v)
             progress(f"{w.name} round {r + 1}: {c.key} {v:.1f} steps/s", t0)
     invalid = {c.key: why for c in cs if (why := c.invalid()) is not None}
+    paired = paired_ratios(rounds)
+    print(f"   {'':66s} {'best':>10s} {'':8s} {'ratio':>7s}  median, range of rounds", flush=True)
     for k, v in best.items():
         flag = f"  INVALID: {invalid[k]}" if k in invalid else ""
-        print(f"   {LABELS[k]:66s} {v:10.1f} steps/s {v / best['A']:7.3f}x{flag}", flush=True)
+        lo, med, hi = paired[k]
+        spread = f"  {med:.3f} ({lo:.3f}-{hi:.3f})"
+        print(
+            f"   {LABELS[k]:66s} {v:10.1f} steps/s {v / best['A']:7.3f}x{spread}{flag}", flush=True
+        )
+    a = sorted(rounds["A"])
+    print(f"   A's own rounds: {a[0]:.1f}-{a[-1]:.1f} steps/s ({a[-1] / a[0]:.2f}x)", flush=True)
     return {
         "workload": w.name,
         "title": w.title,
         "steps": steps,
         "rates": best,
+        "rounds": rounds,
+        "paired": {k: {"min": lo, "median": med, "max": hi} for k, (lo, med, hi) in paired.items()},
         "invalid": invalid,
         "notes": notes,
     }
 
 
-def targets(results: list[dict]) -> list[tuple[str, bool]]:
-    """(description, met) for each of issue 19's throughput targets that can be checked."""
+def paired(rounds: dict[str, list[float]], k: str, base: str = "A") -> tuple[float, ...]:
+    """``k``'s rate over ``base``'s of the same round: (min, median, max) over the rounds. The
+    best-of ratio compares two maxima, and on this machine one 3 s timing of A moves by up to
+    +-15 % between rounds of one process with nothing else running (thread placement): the
+    median of the rounds' ratios is the steadier reading."""
+    rs = sorted(
+        v / b for v, b in zip(rounds.get(k, []), rounds.get(base, []), strict=True) if b > 0
+    )
+    rs = [x for x in rs if x == x]
+    if not rs:
+        return (float("nan"),) * 3
+    m = len(rs) // 2
+    return rs[0], (rs[m] if len(rs) % 2 else (rs[m - 1] + rs[m]) / 2), rs[-1]
+
+
+def paired_ratios(rounds: dict[str, list[float]]) -> dict[str, tuple[float, ...]]:
+    return {k: paired(rounds, k) for k in rounds}
+
+
+def targets(results: list[dict]) -> list[tuple[str, str]]:
+    """(description, verdict) for each of issue 19's throughput targets that can be checked:
+    "ok" when both the best-of ratio and the median of the rounds' ratios meet it, "MISSED"
+    when neither does, "noise" when they disagree."""
+    checks = [
+        ("E1", "A", 1.00, "nnxfit spe=1 (window) / A"),
+        ("E1d", "A", 0.95, "nnxfit spe=1 (fit difference) / A"),
+        ("E32", "C", 0.98, "nnxfit spe=32 / hand-written scan"),
+    ]
+    for e, peer in (("E1", "D1"), ("E32", "D32"), ("E1", "T"), ("E32", "T")):
+        checks.append((e, peer, None, f"{LABELS[e]} / {LABELS[peer]}"))  # None: ahead (> 1)
     out = []
     for res in results:
-        r, name = res["rates"], res["workload"]
-        a = r["A"]
-
-        def ratio(k, base, r=r):
-            return r[k] / r[base] if k in r and base in r and r[base] > 0 else None
-
-        checks = [
-            ("E1", a, 1.00, "nnxfit spe=1 (window) / A"),
-            ("E1d", a, 0.95, "nnxfit spe=1 (fit difference) / A"),
-        ]
+        r, invalid = res["rates"], res.get("invalid", {})
         for k, base, limit, what in checks:
-            if k in r and k not in res.get("invalid", {}):
-                out.append(
-                    (f"{name}: {what} = {r[k] / base:.3f} >= {limit:.2f}", r[k] >= limit * base)
-                )
-        if ratio("E32", "C") is not None:
-            v = ratio("E32", "C")
-            out.append((f"{name}: nnxfit spe=32 / hand-written scan = {v:.3f} >= 0.98", v >= 0.98))
-        for e, peer in (("E1", "D1"), ("E32", "D32"), ("E1", "T"), ("E32", "T")):
-            v = ratio(e, peer)
-            if v is not None:
-                out.append((f"{name}: {LABELS[e]} / {LABELS[peer]} = {v:.2f} > 1", v > 1))
+            if k not in r or base not in r or r[base] <= 0 or k in invalid:
+                continue
+            best, med = r[k] / r[base], paired(res.get("rounds", {}), k, base)[1]
+            if med != med:  # no rounds recorded (an older JSON)
+                med = best
+            met = [x > 1.0 if limit is None else x >= limit for x in (best, med)]
+            verdict = "ok" if all(met) else "MISSED" if not any(met) else "noise"
+            bound = "> 1.00" if limit is None else f">= {limit:.2f}"
+            text = f"{res['workload']}: {what} = {best:.3f} (median of rounds {med:.3f}) {bound}"
+            out.append((text, verdict))
     return out
 
 
@@ -345,8 +375,8 @@ def main(argv=None) -> int:
         print()
         print(spe_cost.markdown(spe_rows))
     print("\ntargets:")
-    for text, ok in checks:
-        print(f"  {'ok    ' if ok else 'MISSED'} {text}")
+    for text, verdict in checks:
+        print(f"  {verdict:6s} {text}")
     for m in spe_missed:
         print(f"  MISSED {m}")
     if args.json:
@@ -370,7 +400,7 @@ def main(argv=None) -> int:
 
         plot.plot(results, args.plot)
         print(f"plot: {args.plot}")
-    return 1 if spe_missed or not all(ok for _, ok in checks) else 0
+    return 1 if spe_missed or any(v != "ok" for _, v in checks) else 0
 
 
 if __name__ == "__main__":

@@ -278,7 +278,9 @@ class FitCarry:
         if snap is None:
             return np.zeros_like(self.epoch_acc), self.last
         wait_ready(snap)
-        acc, last, health = jax.device_get(jax.tree.unflatten(self.layout.tail_def, snap))
+        # np.asarray per leaf: ``jax.device_get`` of the same tree costs ~20 us more.
+        host = [np.asarray(x) for x in snap]
+        acc, last, health = jax.tree.unflatten(self.layout.tail_def, host)
         self.last = last
         if "nonfinite_steps" in health:
             self.nonfinite_steps = int(health["nonfinite_steps"])

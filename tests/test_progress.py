@@ -140,6 +140,39 @@ def test_non_terminal_prints_plain_lines():
         assert line.startswith(head) and line.endswith(tail), line
 
 
+class OddNames(Classifier):
+    """A metric whose name rich would read as markup and an emoji code."""
+
+    def training_step(self, batch):
+        loss, metrics = super().training_step(batch)
+        return loss, {"[bold]acc:smile:": metrics["accuracy"]}
+
+
+def test_plain_lines_are_the_same_captured_recorded_and_written():
+    """Epoch lines are written straight to a plain console's file; a console that captures or
+    records gets them through rich, and all three read the same, names taken literally."""
+
+    def lines(con, capture=False):
+        trainer = nnxfit.Trainer(max_epochs=2, steps_per_execution=4, console=con)
+        if capture:
+            with con.capture() as cap:
+                trainer.fit(OddNames(), data()[0])
+            return cap.get().splitlines()
+        trainer.fit(OddNames(), data()[0])
+        return (con.export_text() if con.record else con.file.getvalue()).splitlines()
+
+    plain = lines(plain_console())
+    captured = lines(plain_console(), capture=True)
+    recorded = lines(Console(file=io.StringIO(), width=100, record=True))
+    assert len(plain) == 2 and all("[bold]acc:smile:: " in ln for ln in plain), plain
+
+    def untimed(lines):  # the times and the compile entry differ between fits
+        return [re.sub(r"steps - .* - loss", "steps - loss", ln) for ln in lines]
+
+    for other in (captured, recorded):
+        assert untimed(other) == untimed(plain), other
+
+
 def test_non_terminal_interval_lines():
     con = plain_console()
     train, _ = data()
