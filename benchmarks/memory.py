@@ -5,7 +5,7 @@ gradients and AdamW state dwarf the interpreter) for a few steps in its own fres
 so peaks never mix. Both children import the same modules and load the same data before
 taking their baseline. Measured per child:
 
-* host: peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and the growth over the
+* host: peak RSS (``VmHWM``) and the growth over the
   baseline RSS taken just before the model is built ("fit's own" memory); on CPU this is
   also the device memory, since jax's CPU buffers live in host RAM;
 * device: ``peak_bytes_in_use`` of ``jax.devices()[0].memory_stats()`` where the backend
@@ -27,6 +27,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONTENDERS = ("hand", "nnxfit", "nnxfit+guard")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux keeps
+    that across ``exec``, so a child started by a large parent (``peers.py`` with Keras and
+    Tunix loaded, ~950 MiB) reported the parent's peak as its own."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def rss_now_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -37,8 +48,6 @@ def rss_now_bytes() -> int:
 
 def child(args) -> dict:
     """Runs one contender in this (fresh) process and returns its measurements."""
-    import resource
-
     sys.path.insert(0, HERE)
     import jax
     from common import (
@@ -57,7 +66,7 @@ def child(args) -> dict:
     x, y, batches = full_batches(x, y, args.batch)
     jax.numpy.ones(8).block_until_ready()  # backend up before the baseline
     base = rss_now_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_before = peak_rss_bytes()
     if args.child == "hand":
         run = hand_jit(batches, args.hidden)
         run(args.steps)
@@ -66,7 +75,7 @@ def child(args) -> dict:
         nnxfit_fit_seconds(
             x, y, batch=args.batch, hidden=args.hidden, steps=args.steps, spe=1, callbacks=cbs
         )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     stats = jax.devices()[0].memory_stats() or {}
     from common import MLP
     from flax import nnx

@@ -24,12 +24,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KS = (1, 4, 32)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux keeps
+    that across ``exec``, so a child started by a large parent (``peers.py`` with Keras and
+    Tunix loaded, ~950 MiB) reported the parent's peak as its own."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def rss_now_bytes() -> int:
@@ -57,7 +67,7 @@ def child(args) -> dict:
         w, spe=K, callbacks=[watch, sw], max_epochs=1 + -(-steps // w.nb),
         trainer_kwargs={"scan_unroll": unroll},
     )  # fmt: skip
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     kind = "single" if K == 1 else "multi"
     rec = next(r for r in watch.records if r.kind == kind)
     # The same program again, for XLA's memory account: jax's caches return the compiled one.
