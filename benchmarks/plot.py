@@ -50,7 +50,17 @@ def plot(results: list[dict], path: str, title: str | None = None) -> str:
         base = rates["A"]
         ks = [k for k in keys if k in rates]
         vals = [rates[k] for k in ks]
+        # The line on each bar: the range of its rounds (the bar is the best of them).
+        rounds = res.get("rounds", {})
+        spans = [
+            [v - min(rounds.get(k) or [v]) for k, v in zip(ks, vals, strict=True)],
+            [0] * len(ks),
+        ]
         ax.barh([ys[k] for k in ks], vals, color=[color(k) for k in ks])
+        if rounds:
+            ax.errorbar(
+                vals, [ys[k] for k in ks], xerr=spans, fmt="none", ecolor="black", lw=0.8, capsize=2
+            )
         ax.axvline(base, color="black", lw=0.8, ls="--")
         for k, v in zip(ks, vals, strict=True):
             ax.text(v, ys[k], f" {v / base:.2f}x", va="center", fontsize=8)
@@ -65,6 +75,9 @@ def plot(results: list[dict], path: str, title: str | None = None) -> str:
         ax.set_xlabel("steps/s (ratio to A)")
         ax.set_title(res["title"], fontsize=9)
     title = title or "Training throughput: same model, optimizer and data; one process"
+    if any(r.get("rounds") for r in results):
+        n = max(len(v) for r in results for v in r.get("rounds", {}).values())
+        title += f"\nbars: best of {n} rounds; lines: down to the slowest round"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
