@@ -254,6 +254,14 @@ class FitCarry:
         if i is not None:
             self.leaves[i] = jnp.full_like(self.leaves[i], step)
 
+    def done_flag(self) -> jax.Array:
+        """A new one-element array, ready once the device has finished the last call sent:
+        the train programs donate the carry, so its own arrays cannot be waited on after the
+        next call. Made from this process's copy of the metric sums, so that on several
+        processes it is a local program that none of the others has to run."""
+        local = self.leaves[self.layout.n_head].addressable_shards[0].data
+        return _first(local)
+
     # -- metrics -------------------------------------------------------------------------
     def snapshot(self) -> list:
         """Takes the metric sums since the last snapshot out of the carry (zeros go in) and,
@@ -343,6 +351,9 @@ class FitCarry:
         if len(leaves) != len(self.leaves):
             raise ConfigError("restored state has a different number of arrays than the fit.")
         self.leaves = leaves
+
+
+_first = jax.jit(lambda x: x[:1])
 
 
 def wait_ready(arrays: list) -> None:

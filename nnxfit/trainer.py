@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnxfit import evaluate, fit_logs, fit_setup, hooks, interrupt, loop, multihost
+from nnxfit import evaluate, fit_logs, fit_setup, hooks, interrupt, loop, multihost, pacing
 from nnxfit.callbacks.base import Callback, CallbackList, as_callbacks
 from nnxfit.carry import FitCarry, wait_ready
 from nnxfit.config import PRECISIONS, TrainerConfig, expose_options  # noqa: F401 (PRECISIONS)
@@ -243,6 +243,7 @@ class Trainer(FitView, FitState, EvalAPI):
         and after one ends: never a call more than those already on the device."""
         sent, schedule, carry, signals = self._sent, self._schedule, self._carry, self._signals
         speculation, barrier, device = self._speculation, self._barrier, self._device_clock
+        paced = pacing.train_queue(wait_ready)  # a stop waits for ~2 s of queued calls at most
         sent.step, sent.epoch, sent.batch = (
             self.global_step,
             self.current_epoch,
@@ -268,6 +269,7 @@ class Trainer(FitView, FitState, EvalAPI):
                     if signals.halts(sent.step):
                         break  # the signal came before: the call stays unsent
                     carry.run(call)  # donated, asynchronous
+                    paced.sent(carry.done_flag)
                     speculation.record(call)
                     sent.step += n_steps
                     sent.batch += call.n_batches

@@ -19,6 +19,7 @@ import pytest
 from models import Classifier, toy_data
 
 import nnxfit
+from nnxfit import pacing
 from nnxfit.callbacks.checkpoint import ModelCheckpoint
 from nnxfit.checkpoint import list_steps, load_checkpoint, read_meta, tmp_dirs
 from nnxfit.data import ArrayLoader
@@ -171,6 +172,39 @@ def test_a_signal_in_a_long_validation_waits_only_for_the_few_batches_queued():
     # bound leaves room for a timer thread that a loaded machine runs late (each 0.1 s late
     # adds about one batch).
     assert val.yielded < 30
+
+
+class SlowTraining(Classifier):
+    """A train step keeps the device busy: ``matmuls`` x 0.27 GFLOP."""
+
+    def __init__(self, matmuls: int = 16, **kw):
+        super().__init__(**kw)
+        self.matmuls = matmuls
+
+    def training_step(self, batch):
+        x, _ = batch
+        h = jnp.tile(x.reshape(-1), 512 * 512 // x.size + 1)[: 512 * 512].reshape(512, 512)
+        for _ in range(self.matmuls):
+            h = jnp.tanh(h @ h)
+        loss, metrics = super().training_step(batch)
+        return loss + 1e-30 * h.mean(), metrics
+
+
+def test_a_signal_waits_only_for_the_few_train_calls_queued(monkeypatch):
+    # 64 slow train steps (16 x 0.27 GFLOP each); the signal comes 1 s after batch 8 was
+    # sent. Unpaced, the host kept sending until jax's own queue was full (39 batches taken),
+    # and the stop waited for every call sent.
+    monkeypatch.setattr(pacing, "TRAIN_MAX_LAG_S", 0.2)
+    x, y = toy_data(256)
+    train = SignalSoonAfter(ArrayLoader((x, y), 4), at=8, delay=1.0)
+    trainer = nnxfit.Trainer(max_epochs=1, log_every_n_steps=1000, progress_bar=False)
+    with pytest.raises(nnxfit.TrainingInterrupted):
+        trainer.fit(SlowTraining(), train)
+    # Paced (pacing.train_queue): ~0.2 s of calls behind the one running, 14 taken. Room is
+    # left for a timer thread that a loaded machine runs late (0.1 s late: about one more).
+    assert train.yielded < 28, train.yielded
+    # Every call sent ran; the batch being taken when the signal came was not sent.
+    assert train.yielded - 1 <= trainer.global_step <= train.yielded
 
 
 class SignalAtEpochEnd(nnxfit.Callback):
