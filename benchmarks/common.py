@@ -208,6 +208,26 @@ def optional(module: str, name: str):
         return None
 
 
+def rss_now_bytes() -> int:
+    """This process's resident memory now (``VmRSS``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``:
+    Linux keeps that across ``exec``, so a child started by a large parent (``peers.py`` with
+    Keras and Tunix loaded, ~950 MiB) reported the parent's peak as its own."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def default_callback_kwargs(workdir: str) -> tuple[dict, list[str]]:
     """Trainer kwargs that turn on the default callbacks (progress bar in non-terminal mode,
     CSV logging) as far as they exist, and the names of those that do."""

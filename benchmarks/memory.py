@@ -27,25 +27,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONTENDERS = ("hand", "nnxfit", "nnxfit+guard")
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux keeps
-    that across ``exec``, so a child started by a large parent (``peers.py`` with Keras and
-    Tunix loaded, ~950 MiB) reported the parent's peak as its own."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def rss_now_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(args) -> dict:
     """Runs one contender in this (fresh) process and returns its measurements."""
     sys.path.insert(0, HERE)
@@ -57,6 +38,8 @@ def child(args) -> dict:
         hand_jit,
         nnxfit_fit_seconds,
         num_params,
+        peak_rss_bytes,
+        rss_now_bytes,
     )
 
     import nnxfit.callbacks.csv_logger  # noqa: F401 - same imports for every contender

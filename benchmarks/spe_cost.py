@@ -31,29 +31,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KS = (1, 4, 32)
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux keeps
-    that across ``exec``, so a child started by a large parent (``peers.py`` with Keras and
-    Tunix loaded, ~950 MiB) reported the parent's peak as its own."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def rss_now_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def child(args) -> dict:
     """One fit in this (fresh) process; returns the measurements."""
     sys.path.insert(0, HERE)
     import jax
     import numpy as np
     import workloads as W
-    from common import Stopwatch
+    from common import Stopwatch, peak_rss_bytes, rss_now_bytes
 
     from nnxfit.compile_watch import CompileWatch
 

@@ -124,6 +124,15 @@ def test_with_steps_per_execution_the_call_being_gathered_is_never_sent(tmp_path
     assert read_meta(ckpts)["batch_in_epoch"] == 4
 
 
+def busy(x, matmuls: int):
+    """A scalar that keeps the device busy for ``matmuls`` x 0.27 GFLOP (512^2 matmuls of a
+    matrix tiled from ``x``)."""
+    h = jnp.tile(x.reshape(-1), 512 * 512 // x.size + 1)[: 512 * 512].reshape(512, 512)
+    for _ in range(matmuls):
+        h = jnp.tanh(h @ h)
+    return 1e-30 * h.mean()
+
+
 class SlowValidation(Classifier):
     """A validation batch keeps the device busy: ``matmuls`` x 0.27 GFLOP."""
 
@@ -132,12 +141,8 @@ class SlowValidation(Classifier):
         self.matmuls = matmuls
 
     def validation_step(self, batch):
-        x, _ = batch
-        h = jnp.tile(x.reshape(-1), 512 * 512 // x.size + 1)[: 512 * 512].reshape(512, 512)
-        for _ in range(self.matmuls):
-            h = jnp.tanh(h @ h)
         out = super().validation_step(batch)
-        return {**out, "loss": out["loss"] + 1e-30 * h.mean()}
+        return {**out, "loss": out["loss"] + busy(batch[0], self.matmuls)}
 
 
 class SignalSoonAfter:
@@ -182,12 +187,8 @@ class SlowTraining(Classifier):
         self.matmuls = matmuls
 
     def training_step(self, batch):
-        x, _ = batch
-        h = jnp.tile(x.reshape(-1), 512 * 512 // x.size + 1)[: 512 * 512].reshape(512, 512)
-        for _ in range(self.matmuls):
-            h = jnp.tanh(h @ h)
         loss, metrics = super().training_step(batch)
-        return loss + 1e-30 * h.mean(), metrics
+        return loss + busy(batch[0], self.matmuls), metrics
 
 
 def test_a_signal_waits_only_for_the_few_train_calls_queued(monkeypatch):
